@@ -1,0 +1,139 @@
+"""Node configuration: command-line options, each also read from a MESH_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mesh.errors import ConfigError
+
+__all__ = ["NodeConfig", "parse_node_args"]
+
+
+class NodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workspace: Path
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    token: str = Field(min_length=8)
+    token_generated: bool = False
+    name: str = "node"
+    public_url: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    exec_output_cap: int = 256 * 1024
+    subscriber_buffer: int = 4096
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    # The agent loop's provider settings; a node without a model still runs step tasks.
+    model: str | None = None
+    api_base: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+    temperature: float | None = None
+    max_steps: int = 50
+    max_tokens: int | None = None
+    task_timeout_s: float = 3600.0
+    model_timeout_s: float = 120.0
+    stream_idle_timeout_s: float = 60.0
+
+    # Mesh settings: the lease a parent renews, the label of the mesh this node belongs to.
+    mesh_name: str | None = None
+    parent_url: str | None = None
+    lease_s: float | None = None
+    rules_file: Path | None = None
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+# option name -> (MESH_ variable, type, help)
+_OPTIONS: dict[str, tuple[type, str]] = {
+    "workspace": (str, "folder the node's files, commands and snapshots are confined to"),
+    "state_dir": (str, "folder for the task database, logs and snapshots (default: "
+                  "WORKSPACE/../.peermesh-state-NAME)"),
+    "host": (str, "address to listen on (default 127.0.0.1)"),
+    "port": (int, "port to listen on; 0 picks a free one (default 8700)"),
+    "token": (str, "bearer token clients must send; generated and printed once if absent"),
+    "name": (str, "the node's name (default: node)"),
+    "public_url": (str, "URL peers should use to reach this node"),
+    "model": (str, "litellm model name for the agent loop, e.g. openai/gpt-4o-mini"),
+    "api_base": (str, "base URL of an OpenAI-compatible server (vLLM, Ollama, LM Studio)"),
+    "api_key": (str, "provider API key"),
+    "temperature": (float, "sampling temperature"),
+    "max_steps": (int, "model turns a task may take (default 50)"),
+    "max_tokens": (int, "tokens a task may use in total"),
+    "task_timeout_s": (float, "wall time a task may take, seconds (default 3600)"),
+    "model_timeout_s": (float, "time one model call may take, seconds (default 120)"),
+    "stream_idle_timeout_s": (float, "silence allowed in a model stream, seconds (default 60)"),
+    "mesh_name": (str, "the mesh this node belongs to"),
+    "parent_url": (str, "URL of the node that spawned this one"),
+    "lease_s": (float, "stop unless the parent renews the lease within this many seconds"),
+    "rules_file": (str, "YAML or JSON file of rules to load at start"),
+    "log_format": (str, "json, console or auto (json unless on a terminal)"),
+    "log_level": (str, "debug, info, warning or error (default info)"),
+}
+
+
+def _env_name(option: str) -> str:
+    return "MESH_" + option.upper()
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m agent_runtime", description="Run one peermesh agent node."
+    )
+    for option, (kind, help_text) in _OPTIONS.items():
+        flag = "--" + option.replace("_", "-")
+        parser.add_argument(
+            flag, dest=option, type=kind, default=None,
+            help=f"{help_text} [env {_env_name(option)}]",
+        )
+    return parser
+
+
+def parse_node_args(
+    argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+) -> NodeConfig:
+    """Merge command-line options over MESH_* variables into a validated config."""
+    environ = dict(os.environ if environ is None else environ)
+    namespace = build_parser().parse_args(argv)
+    return config_from_namespace(namespace, environ)
+
+
+def config_from_namespace(namespace: argparse.Namespace, environ: dict[str, str]) -> NodeConfig:
+    values: dict[str, object] = {}
+    for option in _OPTIONS:
+        value = getattr(namespace, option, None)
+        if value is None:
+            value = environ.get(_env_name(option)) or None
+        if value is not None:
+            values[option] = value
+
+    if "workspace" not in values:
+        raise ConfigError("no workspace: pass --workspace DIR or set MESH_WORKSPACE")
+    workspace = Path(str(values["workspace"])).expanduser().resolve()
+    values["workspace"] = workspace
+    name = str(values.get("name", "node"))
+    if "state_dir" not in values:
+        values["state_dir"] = workspace.parent / f".peermesh-state-{workspace.name}"
+    values["state_dir"] = Path(str(values["state_dir"])).expanduser().resolve()
+    if "token" not in values:
+        values["token"] = secrets.token_urlsafe(24)
+        values["token_generated"] = True
+    values["name"] = name
+
+    try:
+        return NodeConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid node configuration: {problems}") from exc

@@ -1,0 +1,91 @@
+"""The node: every service of one agent computer, started and stopped together."""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import weakref
+
+import structlog
+from aiohttp import web
+
+from .config import NodeConfig
+from .events import EventBus
+from .metrics import Metrics
+from .services.daemons import Daemons
+from .services.files import Files
+from .services.snapshots import Snapshots
+from .services.terminal import Terminal
+from .store import Store
+from .tasks import TaskManager
+from .tools import ToolRegistry
+from .workspace import Workspace
+
+__all__ = ["Node", "NodeState"]
+
+log = structlog.get_logger("agent_runtime.node")
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+class NodeState(str, enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.state = NodeState.CREATED
+        self.started_at = time.time()
+        config.workspace.mkdir(parents=True, exist_ok=True)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.logs_dir.mkdir(parents=True, exist_ok=True)
+
+        self.workspace = Workspace(config.workspace)
+        self.metrics = Metrics()
+        self.store = Store(config.state_dir / "node.db")
+        self.events = EventBus(self.store, self.metrics, buffer=config.subscriber_buffer)
+        self.tools = ToolRegistry()
+        self.terminal = Terminal(
+            self.workspace, config.state_dir / "exec-output", config.exec_output_cap
+        )
+        self.files = Files(self.workspace)
+        self.daemons = Daemons(self.workspace, config.logs_dir / "daemons", self.metrics)
+        self.snapshots = Snapshots(self.workspace, config.state_dir / "snapshots")
+        self.tasks = TaskManager(self)
+        self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self.url = config.public_url or ""
+
+    @property
+    def docker_socket(self) -> bool:
+        return os.path.exists(os.environ.get("MESH_DOCKER_SOCKET", DOCKER_SOCKET))
+
+    async def start(self) -> None:
+        from .services import daemons, files, snapshots, terminal
+
+        for service in (terminal, files, daemons, snapshots):
+            service.register_tools(self)
+        self.tasks.recover()
+        await self.daemons.start()
+        self.state = NodeState.RUNNING
+        log.info("node.started", node=self.config.name, workspace=str(self.config.workspace))
+
+    async def close(self) -> None:
+        """Stop taking work, interrupt tasks, stop daemons, flush state."""
+        if self.state in (NodeState.STOPPING, NodeState.CLOSED):
+            return
+        self.state = NodeState.STOPPING
+        log.info("node.stopping", node=self.config.name)
+        await self.tasks.close()
+        for ws in list(self.websockets):
+            await ws.close(code=1001, message=b"node stopping")
+        await self.daemons.close()
+        await self.terminal.close()
+        self.events.close()
+        self.store.close()
+        self.state = NodeState.CLOSED
+        log.info("node.stopped", node=self.config.name)

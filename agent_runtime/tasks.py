@@ -1,0 +1,306 @@
+"""Tasks: their lifecycle, their durable record, and the tool calls they make.
+
+A task runs either its explicit steps (tool calls in order, no model) or, when it only has a
+description, the agent loop. Every change is an event. A task never outlives the node silently:
+tasks found unfinished at start, or running at shutdown, are marked interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import structlog
+from pydantic import BaseModel
+
+from mesh.errors import BadRequest, Conflict, MeshError, NotFound, ToolError, Unavailable
+from mesh.models import (
+    TERMINAL_STATUSES,
+    ExecResult,
+    Mode,
+    Task,
+    TaskCreate,
+    TaskStatus,
+)
+
+from .tools import ToolContext
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["TaskError", "TaskManager", "cut"]
+
+log = structlog.get_logger("agent_runtime.tasks")
+
+EVENT_OUTPUT_CHARS = 4000
+
+AgentRunner = Callable[[Task], Awaitable[Any]]
+
+
+class TaskError(MeshError):
+    """A task cannot go on; its message becomes the task's failure reason."""
+
+
+def cut(text: str, limit: int = EVENT_OUTPUT_CHARS) -> str:
+    """Head and tail of `text` with a marker, for events; the full text stays elsewhere."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [to_jsonable(item) for item in value]
+    return value
+
+
+def render_output(value: Any) -> str:
+    """A tool result as the text a model or an event shows."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(indent=1)
+    return json.dumps(to_jsonable(value), indent=1, default=str)
+
+
+class TaskManager:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.agent_runner: AgentRunner | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, Task] = {}
+        self._closing = False
+
+    @property
+    def events(self) -> Any:
+        return self.node.events
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Mark tasks a previous run of this node left unfinished as interrupted."""
+        for task in self.node.store.unfinished_tasks():
+            self._finish(task, TaskStatus.INTERRUPTED, error="the node stopped while it ran")
+            log.info("task.interrupted", task_id=task.id, reason="found unfinished at start")
+        self.node.events.flush()
+
+    async def close(self) -> None:
+        """Stop taking work and interrupt what runs."""
+        self._closing = True
+        running = list(self._running.values())
+        for job in running:
+            job.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        task = self._tasks.get(task_id) or self.node.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r}", details={"task_id": task_id})
+        return task
+
+    def list(self, *, status: str | None = None, limit: int = 100) -> list[Task]:
+        return self.node.store.list_tasks(status=status, limit=limit)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def create(self, request: TaskCreate) -> Task:
+        if self._closing:
+            raise Unavailable("the node is shutting down and takes no new tasks")
+        if not request.steps and not request.description.strip():
+            raise BadRequest(
+                "a task needs a description or steps", details={"field": "description"}
+            )
+        for index, step in enumerate(request.steps or []):
+            try:
+                self.node.tools.get(step.tool).parse_args(step.args)
+            except ToolError as exc:
+                raise BadRequest(
+                    f"steps.{index}: {exc}", details={"field": f"steps.{index}"}
+                ) from exc
+
+        options = request.model_dump(
+            include={"rollback_on_failure", "model", "api_base", "temperature", "max_steps",
+                     "max_tokens", "timeout_s"},
+            exclude_none=True,
+        )
+        task = Task(
+            id=uuid.uuid4().hex[:16],
+            description=request.description,
+            mode=request.mode,
+            status=TaskStatus.QUEUED,
+            steps=request.steps,
+            tags=request.tags,
+            metadata=request.metadata,
+            created_at=time.time(),
+            options=options,
+        )
+        self._save(task)
+        self.events.emit(task.id, "task.created", {"mode": task.mode.value, "tags": task.tags})
+        log.info("task.created", task_id=task.id, mode=task.mode.value,
+                 steps=len(task.steps or []))
+        self._start(task)
+        return task
+
+    def cancel(self, task_id: str) -> Task:
+        task = self.get(task_id)
+        if task.status in TERMINAL_STATUSES:
+            raise Conflict(
+                f"task {task_id} already ended as {task.status.value}",
+                details={"task_id": task_id, "status": task.status.value},
+            )
+        job = self._running.get(task_id)
+        if job is not None:
+            job.cancel()
+        return task
+
+    def set_mode(self, task_id: str, mode: Mode) -> Task:
+        task = self.get(task_id)
+        if task.status in TERMINAL_STATUSES:
+            raise Conflict(
+                f"task {task_id} already ended as {task.status.value}; its mode is fixed",
+                details={"task_id": task_id, "status": task.status.value},
+            )
+        previous = task.mode
+        if previous != mode:
+            task.mode = mode
+            self._save(task)
+            self.events.emit(task.id, "mode.changed", {"from": previous.value, "to": mode.value})
+            log.info("task.mode_changed", task_id=task.id, mode=mode.value)
+        return task
+
+    def add_message(self, task_id: str, content: str) -> Task:
+        task = self.get(task_id)
+        if self.agent_runner is None:
+            raise Unavailable(
+                "no model configured: messages go to the agent loop, which needs --model"
+            )
+        raise Conflict(f"task {task_id} cannot take messages", details={"task_id": task_id})
+
+    async def wait(self, task_id: str) -> Task:
+        job = self._running.get(task_id)
+        if job is not None:
+            await asyncio.shield(job)
+        return self.get(task_id)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _start(self, task: Task) -> None:
+        job = asyncio.get_running_loop().create_task(self._run(task), name=f"task-{task.id}")
+        self._running[task.id] = job
+        job.add_done_callback(lambda _: self._running.pop(task.id, None))
+
+    async def _run(self, task: Task) -> None:
+        bound = log.bind(task_id=task.id)
+        task.status = TaskStatus.RUNNING
+        task.started_at = time.time()
+        self._save(task)
+        self.events.emit(task.id, "task.started", {})
+        self.node.metrics.tasks_running.inc()
+        try:
+            if task.steps:
+                result = await self._run_steps(task)
+            elif self.agent_runner is not None:
+                result = await self.agent_runner(task)
+            else:
+                raise TaskError(
+                    "no model configured: start the node with --model (or MESH_MODEL), "
+                    "or give the task explicit steps"
+                )
+        except asyncio.CancelledError:
+            if self._closing:
+                self._finish(task, TaskStatus.INTERRUPTED, error="the node is shutting down")
+            else:
+                self._finish(task, TaskStatus.CANCELLED, error="cancelled on request")
+            # A cancelled task ends here: the cancellation was aimed at this task alone.
+        except TaskError as exc:
+            self._finish(task, TaskStatus.FAILED, error=str(exc))
+        except Exception as exc:
+            bound.exception("task.crashed")
+            self._finish(task, TaskStatus.FAILED, error=f"internal error: {exc!r}")
+        else:
+            self._finish(task, TaskStatus.COMPLETED, result=result)
+        finally:
+            self.node.metrics.tasks_running.dec()
+
+    def _finish(
+        self, task: Task, status: TaskStatus, *, result: Any = None, error: str | None = None
+    ) -> None:
+        task.status = status
+        task.finished_at = time.time()
+        task.result = to_jsonable(result)
+        task.error = error
+        self._save(task)
+        self._tasks.pop(task.id, None)
+        kind = {
+            TaskStatus.COMPLETED: "task.completed",
+            TaskStatus.FAILED: "task.failed",
+            TaskStatus.CANCELLED: "task.cancelled",
+            TaskStatus.INTERRUPTED: "task.interrupted",
+        }[status]
+        data: dict[str, Any] = {"status": status.value}
+        if error is not None:
+            data["error"] = error
+        if result is not None:
+            data["result"] = cut(render_output(result))
+        self.events.emit(task.id, kind, data)
+        self.node.metrics.tasks.labels(status=status.value).inc()
+        log.info(kind, task_id=task.id, error=error)
+
+    def _save(self, task: Task) -> None:
+        if task.status not in TERMINAL_STATUSES:
+            self._tasks[task.id] = task
+        self.node.store.save_task(task)
+
+    async def _run_steps(self, task: Task) -> list[Any]:
+        results: list[Any] = []
+        for index, step in enumerate(task.steps or []):
+            ok, output = await self.call_tool(
+                task, step.tool, step.args, call_id=f"step-{index}"
+            )
+            results.append(to_jsonable(output) if ok else {"error": output})
+            if step.check and not ok:
+                raise TaskError(f"step {index} ({step.tool}) failed: {cut(str(output), 500)}")
+            if step.check and isinstance(output, ExecResult) and not _exec_succeeded(output):
+                why = "timed out" if output.timed_out else f"exited with {output.exit_code}"
+                tail = cut(output.stderr.strip() or output.stdout.strip(), 500)
+                raise TaskError(f"step {index} ({step.tool}) {why}: {tail}")
+        return results
+
+    async def call_tool(
+        self, task: Task, name: str, args: dict[str, Any], *, call_id: str
+    ) -> tuple[bool, Any]:
+        """Run one tool call for a task, with its tool_use and tool_result events.
+
+        Returns (ok, output): the tool's result, or the reason it could not run. Faults of the
+        call (unknown tool, bad arguments, a refused path) come back as (False, reason).
+        """
+        self.events.emit(task.id, "tool_use", {"call_id": call_id, "tool": name, "args": args})
+        started = time.perf_counter()
+        ctx = ToolContext(task_id=task.id, call_id=call_id, mode=task.mode.value)
+        try:
+            output = await self.node.tools.get(name).call(ctx, args)
+            ok = True
+        except (ToolError, MeshError) as exc:
+            output, ok = str(exc), False
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.node.metrics.tool_calls.labels(tool=name, outcome="ok" if ok else "error").inc()
+        self.events.emit(
+            task.id,
+            "tool_result",
+            {"call_id": call_id, "tool": name, "ok": ok, "duration_ms": duration_ms,
+             "output": cut(render_output(output))},
+        )
+        return ok, output
+
+
+def _exec_succeeded(result: ExecResult) -> bool:
+    return result.exit_code == 0 and not result.timed_out
