@@ -42,6 +42,9 @@ class NodeConfig(BaseModel):
     task_timeout_s: float = 3600.0
     model_timeout_s: float = 120.0
     stream_idle_timeout_s: float = 60.0
+    model_retries: int = 4
+    model_retry_base_s: float = 0.5
+    max_tool_mistakes: int = 10
 
     # Mesh settings: the lease a parent renews, the label of the mesh this node belongs to.
     mesh_name: str | None = None
@@ -73,6 +76,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "task_timeout_s": (float, "wall time a task may take, seconds (default 3600)"),
     "model_timeout_s": (float, "time one model call may take, seconds (default 120)"),
     "stream_idle_timeout_s": (float, "silence allowed in a model stream, seconds (default 60)"),
+    "model_retries": (int, "retries of a transient provider fault (default 4)"),
+    "max_tool_mistakes": (int, "invalid tool calls a task may make before it fails (default 10)"),
     "mesh_name": (str, "the mesh this node belongs to"),
     "parent_url": (str, "URL of the node that spawned this one"),
     "lease_s": (float, "stop unless the parent renews the lease within this many seconds"),

@@ -40,6 +40,7 @@ EVENT_OUTPUT_CHARS = 4000
 AgentRunner = Callable[[Task], Awaitable[Any]]
 
 
+
 class TaskError(MeshError):
     """A task cannot go on; its message becomes the task's failure reason."""
 
@@ -72,8 +73,12 @@ def render_output(value: Any) -> str:
 class TaskManager:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.agent_runner: AgentRunner | None = None
+        from .agent.loop import AgentLoop
+
+        self.agent_runner: AgentRunner = AgentLoop(node).run
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._inbox: dict[str, list[str]] = {}
+        self._rollback_points: dict[str, str] = {}
         self._tasks: dict[str, Task] = {}
         self._closing = False
 
@@ -178,12 +183,37 @@ class TaskManager:
         return task
 
     def add_message(self, task_id: str, content: str) -> Task:
+        """A user message: a running task reads it next turn; a finished one runs again."""
         task = self.get(task_id)
-        if self.agent_runner is None:
-            raise Unavailable(
-                "no model configured: messages go to the agent loop, which needs --model"
+        if task.steps:
+            raise Conflict(
+                f"task {task_id} runs explicit steps and takes no messages",
+                details={"task_id": task_id},
             )
-        raise Conflict(f"task {task_id} cannot take messages", details={"task_id": task_id})
+        if self._closing:
+            raise Unavailable("the node is shutting down and takes no new work")
+        self.events.emit(task.id, "message", {"role": "user", "text": content})
+        if task.status not in TERMINAL_STATUSES:
+            self._inbox.setdefault(task.id, []).append(content)
+            return task
+
+        # A finished task continues as a new run of the same conversation.
+        transcript = self.node.store.get_transcript(task.id)
+        transcript.append({"role": "user", "content": content})
+        self.node.store.save_transcript(task.id, transcript)
+        task.status = TaskStatus.QUEUED
+        task.result = None
+        task.error = None
+        task.finished_at = None
+        self._save(task)
+        self._start(task)
+        return task
+
+    def take_messages(self, task_id: str) -> list[str]:
+        return self._inbox.pop(task_id, [])
+
+    def has_messages(self, task_id: str) -> bool:
+        return bool(self._inbox.get(task_id))
 
     async def wait(self, task_id: str) -> Task:
         job = self._running.get(task_id)
@@ -208,27 +238,27 @@ class TaskManager:
         try:
             if task.steps:
                 result = await self._run_steps(task)
-            elif self.agent_runner is not None:
-                result = await self.agent_runner(task)
             else:
-                raise TaskError(
-                    "no model configured: start the node with --model (or MESH_MODEL), "
-                    "or give the task explicit steps"
-                )
+                result = await self.agent_runner(task)
         except asyncio.CancelledError:
             if self._closing:
                 self._finish(task, TaskStatus.INTERRUPTED, error="the node is shutting down")
             else:
+                await self._roll_back(task)
                 self._finish(task, TaskStatus.CANCELLED, error="cancelled on request")
             # A cancelled task ends here: the cancellation was aimed at this task alone.
         except TaskError as exc:
+            await self._roll_back(task)
             self._finish(task, TaskStatus.FAILED, error=str(exc))
         except Exception as exc:
             bound.exception("task.crashed")
+            await self._roll_back(task)
             self._finish(task, TaskStatus.FAILED, error=f"internal error: {exc!r}")
         else:
+            await self._drop_rollback_point(task)
             self._finish(task, TaskStatus.COMPLETED, result=result)
         finally:
+            self._inbox.pop(task.id, None)
             self.node.metrics.tasks_running.dec()
 
     def _finish(
@@ -283,6 +313,7 @@ class TaskManager:
         Returns (ok, output): the tool's result, or the reason it could not run. Faults of the
         call (unknown tool, bad arguments, a refused path) come back as (False, reason).
         """
+        await self._arm_rollback(task)
         self.events.emit(task.id, "tool_use", {"call_id": call_id, "tool": name, "args": args})
         started = time.perf_counter()
         ctx = ToolContext(task_id=task.id, call_id=call_id, mode=task.mode.value)
@@ -300,6 +331,52 @@ class TaskManager:
              "output": cut(render_output(output))},
         )
         return ok, output
+
+    def refuse_call(
+        self, task: Task, call_id: str, name: str, args: Any, reason: str
+    ) -> None:
+        """Record a tool call that was not run because the call itself was wrong."""
+        self.events.emit(task.id, "tool_use", {"call_id": call_id, "tool": name, "args": args})
+        self.node.metrics.tool_calls.labels(tool=name, outcome="refused").inc()
+        self.events.emit(task.id, "tool_result", {
+            "call_id": call_id, "tool": name, "ok": False, "refused": True,
+            "output": cut(reason)})
+
+    # -- rollback -----------------------------------------------------------------------------
+
+    def _wants_rollback(self, task: Task) -> bool:
+        asked = task.options.get("rollback_on_failure")
+        if asked is not None:
+            return bool(asked)
+        # On by default for the modes that change code; a step plan asks for it explicitly.
+        return not task.steps and task.mode in (Mode.CODE, Mode.DEBUG)
+
+    async def _arm_rollback(self, task: Task) -> None:
+        if task.id in self._rollback_points or not self._wants_rollback(task):
+            return
+        info = await self.node.snapshots.create(alias=None)
+        self._rollback_points[task.id] = info.id
+        self.events.emit(task.id, "rollback.armed", {"snapshot": info.id})
+
+    async def _roll_back(self, task: Task) -> None:
+        snapshot_id = self._rollback_points.pop(task.id, None)
+        if snapshot_id is None:
+            return
+        try:
+            await self.node.snapshots.restore(snapshot_id)
+        except Exception as exc:
+            log.exception("task.rollback_failed", task_id=task.id, snapshot=snapshot_id)
+            self.events.emit(task.id, "rollback.failed", {"snapshot": snapshot_id,
+                                                          "error": str(exc)})
+            return
+        self.events.emit(task.id, "rollback.restored", {"snapshot": snapshot_id})
+        log.info("task.rolled_back", task_id=task.id, snapshot=snapshot_id)
+        await self.node.snapshots.delete(snapshot_id)
+
+    async def _drop_rollback_point(self, task: Task) -> None:
+        snapshot_id = self._rollback_points.pop(task.id, None)
+        if snapshot_id is not None:
+            await self.node.snapshots.delete(snapshot_id)
 
 
 def _exec_succeeded(result: ExecResult) -> bool:

@@ -19,6 +19,7 @@ __all__ = [
     "ExecRequest",
     "ExecResult",
     "FileInfo",
+    "FileListing",
     "Health",
     "MessageRequest",
     "Mode",
@@ -94,6 +95,13 @@ class FileInfo(BaseModel):
     size: int
     mode: str
     mtime: float
+
+
+class FileListing(BaseModel):
+    """A folder's entries; `truncated` says the node stopped at its entry cap."""
+
+    entries: list[FileInfo]
+    truncated: bool = False
 
 
 class MoveRequest(Request):

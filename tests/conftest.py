@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import pytest
 from aiohttp import web
@@ -18,6 +18,9 @@ from agent_runtime.app import NODE, build_app
 from agent_runtime.config import NodeConfig
 from agent_runtime.logs import configure_logging
 from agent_runtime.node import Node
+
+if TYPE_CHECKING:
+    from agent_runtime.scripted_model import ScriptedModelServer
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 configure_logging("console", "warning")
@@ -111,3 +114,23 @@ def node_process(tmp_path: Path) -> Iterator[NodeProcess]:
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator["ScriptedModelServer"]:
+    """A scripted OpenAI-compatible model server on loopback, reached through litellm."""
+    from agent_runtime.scripted_model import ScriptedModelServer
+
+    async with ScriptedModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def agent_client(aiohttp_client, tmp_path: Path, scripted) -> TestClient:  # type: ignore[no-untyped-def]
+    """A node whose agent loop talks to the scripted model, with short test deadlines."""
+    config = make_config(
+        tmp_path, model="openai/scripted", api_base=scripted.api_base, api_key="scripted",
+        stream_idle_timeout_s=0.5, model_retries=2, model_retry_base_s=0.01,
+    )
+    app = build_app(config)
+    return await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
