@@ -20,6 +20,7 @@ _OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] |
     ("get", "/.well-known/agent-card.json", "Agent card (no auth)", None, None),
     ("get", "/api/v1/skill", "Markdown guide to this API", None, None),
     ("get", "/metrics", "Prometheus metrics", None, None),
+    ("get", "/api/v1/tools", "The tools tasks can call, as function schemas", None, None),
     ("post", "/api/v1/terminal/exec", "Run a command", models.ExecRequest, models.ExecResult),
     ("get", "/api/v1/terminal/ws", "Run a command, streaming output (WebSocket)", None, None),
     ("get", "/api/v1/files/{path}", "Read a file (Range supported) or list a folder", None,

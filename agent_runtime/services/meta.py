@@ -101,4 +101,8 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/.well-known/agent-card.json", agent_card)
     app.router.add_get("/api/v1/skill", skill)
     app.router.add_get("/api/v1/openapi.json", openapi)
+    async def tools(request: web.Request) -> web.Response:
+        return json_response([tool.schema() for tool in node.tools.all()])
+
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/tools", tools)
