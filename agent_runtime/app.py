@@ -24,7 +24,7 @@ NODE = web.AppKey("node", Node)
 
 def build_app(config: NodeConfig) -> web.Application:
     """The node's application; the node starts and stops with it."""
-    from .services import daemons, files, meta, snapshots, tasks, terminal
+    from .services import daemons, files, meta, peers, snapshots, tasks, terminal
 
     node = Node(config)
     app = web.Application(
@@ -43,7 +43,7 @@ def build_app(config: NodeConfig) -> web.Application:
 
     app.cleanup_ctx.append(node_lifecycle)
     app.on_shutdown.append(stop_taking_work)
-    for service in (meta, terminal, files, daemons, snapshots, tasks):
+    for service in (meta, terminal, files, daemons, snapshots, tasks, peers):
         service.add_routes(app, node)
     return app
 

@@ -15,6 +15,7 @@ from .events import EventBus
 from .metrics import Metrics
 from .services.daemons import Daemons
 from .services.files import Files
+from .services.peers import Peers
 from .services.snapshots import Snapshots
 from .services.terminal import Terminal
 from .store import Store
@@ -50,13 +51,16 @@ class Node:
         self.store = Store(config.state_dir / "node.db")
         self.events = EventBus(self.store, self.metrics, buffer=config.subscriber_buffer)
         self.tools = ToolRegistry()
+        # Full outputs of cut commands live in the workspace, where the files API reads them.
         self.terminal = Terminal(
-            self.workspace, config.state_dir / "exec-output", config.exec_output_cap
+            self.workspace, self.workspace.root / ".peermesh" / "exec", config.exec_output_cap,
+            metrics=self.metrics,
         )
         self.files = Files(self.workspace)
         self.daemons = Daemons(self.workspace, config.logs_dir / "daemons", self.metrics)
         self.snapshots = Snapshots(self.workspace, config.state_dir / "snapshots")
         self.tasks = TaskManager(self)
+        self.peers = Peers(self)
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.url = config.public_url or ""
 
@@ -65,9 +69,9 @@ class Node:
         return os.path.exists(os.environ.get("MESH_DOCKER_SOCKET", DOCKER_SOCKET))
 
     async def start(self) -> None:
-        from .services import daemons, files, snapshots, terminal
+        from .services import daemons, files, peers, snapshots, terminal
 
-        for service in (terminal, files, daemons, snapshots):
+        for service in (terminal, files, daemons, snapshots, peers):
             service.register_tools(self)
         self.tasks.recover()
         await self.daemons.start()
@@ -84,6 +88,7 @@ class Node:
         for ws in list(self.websockets):
             await ws.close(code=1001, message=b"node stopping")
         await self.daemons.close()
+        await self.peers.close()
         await self.terminal.close()
         self.events.close()
         self.store.close()

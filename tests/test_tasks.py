@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -188,8 +189,8 @@ async def test_malformed_json_is_a_400_not_a_500(client: TestClient) -> None:
 
 
 async def test_oversized_body_is_a_413(client: TestClient) -> None:
-    response = await client.post(
-        "/api/v1/agent/tasks", data=b'{"description": "' + b"x" * (9 << 20) + b'"}')
+    body = io.BytesIO(b'{"description": "' + b"x" * (9 << 20) + b'"}')
+    response = await client.post("/api/v1/agent/tasks", data=body)
 
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "payload_too_large"

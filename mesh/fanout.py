@@ -1,0 +1,261 @@
+"""Fan-out: N tasks on N nodes at once, each branch's failure its own.
+
+    outcomes = await fan_out([
+        Assignment(task={"steps": [...]}, spec=NodeSpec(name="lint")),
+        Assignment(task={"description": "review auth"}, node=existing_node),
+    ], spawner=spawner, limit=4, timeout=600)
+
+Every branch catches its own failure and returns an Outcome, so one branch raising, hanging or
+losing its node never cancels another or loses its result. Outcomes come back in input order.
+Cancelling the fan-out cancels its tasks and stops the nodes it spawned for the purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+import structlog
+
+from .client import Peer, TaskHandle
+from .errors import PeerError, PeerGone, PeerUnreachable, SpawnError, TaskFailed
+from .models import NodeInfo, NodeSpec, NodeState, Task, TaskCreate
+
+if TYPE_CHECKING:
+    from .spawn.base import Spawner
+
+__all__ = ["Assignment", "BranchState", "FailureKind", "Outcome", "fan_out"]
+
+log = structlog.get_logger("mesh.fanout")
+
+
+class FailureKind(str, enum.Enum):
+    TASK_FAILED = "task failed"
+    TIMED_OUT = "timed out"
+    NODE_CRASHED = "node crashed"
+    NODE_REMOVED = "node removed"
+    UNREACHABLE = "unreachable"
+    SPAWN_FAILED = "spawn failed"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class BranchState(str, enum.Enum):
+    WAITING = "waiting"
+    SPAWNING = "spawning"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass
+class Assignment:
+    """One branch: a task, and either a node to run it on or a spec to spawn one from."""
+
+    task: TaskCreate | dict[str, Any]
+    node: NodeInfo | Peer | None = None
+    spec: NodeSpec | None = None
+    name: str | None = None
+
+    def label(self, index: int) -> str:
+        if self.name:
+            return self.name
+        if self.spec is not None and self.spec.name:
+            return self.spec.name
+        if isinstance(self.node, NodeInfo):
+            return self.node.name
+        return f"branch-{index}"
+
+
+@dataclasses.dataclass
+class Outcome:
+    index: int
+    name: str
+    succeeded: bool
+    result: Any = None
+    failure: FailureKind | None = None
+    reason: str | None = None
+    task_id: str | None = None
+    node_url: str | None = None
+    duration_s: float = 0.0
+    task: Task | None = None
+
+    @property
+    def status(self) -> str:
+        return "succeeded" if self.succeeded else "failed"
+
+
+ProgressCallback = Callable[[int, str, BranchState, str], Awaitable[None] | None]
+
+
+async def fan_out(
+    assignments: Sequence[Assignment],
+    *,
+    spawner: Spawner | None = None,
+    limit: int = 8,
+    timeout: float | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[Outcome]:
+    """Run every assignment, at most `limit` at once; one Outcome per assignment, in order."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    for index, assignment in enumerate(assignments):
+        if assignment.node is None and assignment.spec is None:
+            raise ValueError(f"assignment {index} names neither a node nor a spec to spawn")
+        if assignment.node is None and spawner is None:
+            raise ValueError(f"assignment {index} needs a spawner to create its node")
+
+    gate = asyncio.Semaphore(limit)
+    branches = [
+        _Branch(index, assignment, spawner, gate, timeout, on_progress)
+        for index, assignment in enumerate(assignments)
+    ]
+    async with asyncio.TaskGroup() as group:
+        jobs = [group.create_task(branch.run(), name=f"fan-out-{branch.name}")
+                for branch in branches]
+    return [job.result() for job in jobs]
+
+
+class _Branch:
+    def __init__(
+        self,
+        index: int,
+        assignment: Assignment,
+        spawner: Spawner | None,
+        gate: asyncio.Semaphore,
+        timeout: float | None,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.index = index
+        self.assignment = assignment
+        self.name = assignment.label(index)
+        self.spawner = spawner
+        self.gate = gate
+        self.timeout = timeout
+        self.on_progress = on_progress
+        self.spawned: NodeInfo | None = None
+        self.node: NodeInfo | None = (
+            assignment.node if isinstance(assignment.node, NodeInfo) else None
+        )
+        self.task_id: str | None = None
+        self.url: str | None = None
+
+    async def progress(self, state: BranchState, detail: str = "") -> None:
+        if self.on_progress is not None:
+            maybe = self.on_progress(self.index, self.name, state, detail)
+            if maybe is not None:
+                await maybe
+
+    def outcome(self, started: float, **fields: Any) -> Outcome:
+        return Outcome(index=self.index, name=self.name, task_id=self.task_id,
+                       node_url=self.url, duration_s=round(time.monotonic() - started, 3),
+                       **fields)
+
+    async def run(self) -> Outcome:
+        """The branch to its end; every failure becomes this branch's Outcome."""
+        await self.progress(BranchState.WAITING)
+        async with self.gate:
+            started = time.monotonic()
+            try:
+                outcome = await self._run(started)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._clean_up(cancel_task=True))
+                raise
+            await asyncio.shield(self._clean_up(cancel_task=not outcome.succeeded))
+        state = BranchState.SUCCEEDED if outcome.succeeded else BranchState.FAILED
+        await self.progress(state, outcome.reason or "")
+        log.info("fanout.branch_done", branch=self.name, status=outcome.status,
+                 failure=outcome.failure.value if outcome.failure else None)
+        return outcome
+
+    async def _run(self, started: float) -> Outcome:
+        try:
+            async with asyncio.timeout(self.timeout):
+                peer = await self._peer()
+                self.url = peer.url
+                try:
+                    return await self._run_task(peer, started)
+                finally:
+                    if not isinstance(self.assignment.node, Peer):
+                        await peer.close()
+        except TimeoutError:
+            return self.outcome(started, succeeded=False, failure=FailureKind.TIMED_OUT,
+                                reason=f"no result within {self.timeout:g}s")
+        except SpawnError as exc:
+            return self.outcome(started, succeeded=False, failure=FailureKind.SPAWN_FAILED,
+                                reason=str(exc))
+        except TaskFailed as exc:
+            return self.outcome(started, succeeded=False, failure=FailureKind.TASK_FAILED,
+                                reason=f"{exc.status}: {exc.reason}")
+        except (PeerGone, PeerUnreachable) as exc:
+            kind, reason = await self._diagnose(exc)
+            return self.outcome(started, succeeded=False, failure=kind, reason=reason)
+        except PeerError as exc:
+            return self.outcome(started, succeeded=False, failure=FailureKind.ERROR,
+                                reason=str(exc))
+        except Exception as exc:
+            # Isolation first: even our own bug stays on this branch, with its name.
+            log.exception("fanout.branch_crashed", branch=self.name)
+            return self.outcome(started, succeeded=False, failure=FailureKind.ERROR,
+                                reason=f"{type(exc).__name__}: {exc}")
+
+    async def _peer(self) -> Peer:
+        node = self.assignment.node
+        if isinstance(node, Peer):
+            return node
+        if node is None:
+            assert self.spawner is not None and self.assignment.spec is not None
+            await self.progress(BranchState.SPAWNING)
+            node = self.spawned = await self.spawner.spawn(self.assignment.spec)
+            self.node = node
+        if node.token is None:
+            raise SpawnError(f"node {node.name} has no token this caller can use")
+        return Peer(node.url, node.token)
+
+    async def _run_task(self, peer: Peer, started: float) -> Outcome:
+        request = self.assignment.task
+        body = request.model_dump(exclude_none=True) if isinstance(request, TaskCreate) \
+            else dict(request)
+        handle = await peer.submit(**body)
+        self.task_id = handle.id
+        await self.progress(BranchState.RUNNING, f"task {handle.id}")
+        async for event in handle.events():
+            if event.type in ("tool_use",):
+                await self.progress(BranchState.RUNNING, str(event.data.get("tool", "")))
+        task = await handle.result()
+        return self.outcome(started, succeeded=True, result=task.result, task=task)
+
+    async def _diagnose(self, exc: PeerError) -> tuple[FailureKind, str]:
+        """Why a node stopped answering: ask the spawner that knows it, if there is one."""
+        if self.spawner is None or self.node is None:
+            return FailureKind.UNREACHABLE, exc.reason
+        try:
+            info = await self.spawner.status(self.node.id)
+        except Exception:
+            return FailureKind.UNREACHABLE, exc.reason
+        if info.state is NodeState.REMOVED:
+            return FailureKind.NODE_REMOVED, f"node {self.node.name} is gone: it was removed"
+        if info.state in (NodeState.CRASHED, NodeState.OOM_KILLED, NodeState.EXITED):
+            how = "was OOM-killed" if info.state is NodeState.OOM_KILLED \
+                else f"exited with code {info.exit_code}"
+            return FailureKind.NODE_CRASHED, f"node {self.node.name} is gone: it {how}"
+        return FailureKind.UNREACHABLE, exc.reason
+
+    async def _clean_up(self, *, cancel_task: bool) -> None:
+        """Cancel a task left running and stop a node spawned for this branch."""
+        if cancel_task and self.task_id is not None and self.node is not None \
+                and self.node.token is not None:
+            try:
+                # A task that already ended answers 409, which is as good as cancelled.
+                async with Peer(self.node.url, self.node.token) as peer:
+                    await asyncio.wait_for(TaskHandle(peer, self.task_id).cancel(), 2)
+            except (PeerError, asyncio.TimeoutError):
+                pass
+        if self.spawned is not None and self.spawner is not None:
+            try:
+                await self.spawner.stop(self.spawned.id)
+            except Exception:
+                log.warning("fanout.stop_failed", branch=self.name, node=self.spawned.id)
