@@ -1,0 +1,104 @@
+"""peermesh: give every agent a whole computer, and let agents work together as peers.
+
+The peer library's public surface: `Peer` talks to one node, `TaskHandle` follows one task,
+and the wire models and the one error hierarchy are shared with the node.
+"""
+
+from .client import ExecOutput as ExecOutput
+from .client import Peer as Peer
+from .client import RetryPolicy as RetryPolicy
+from .client import TaskHandle as TaskHandle
+from .errors import ApiError as ApiError
+from .errors import BadRequest as BadRequest
+from .errors import ConfigError as ConfigError
+from .errors import Conflict as Conflict
+from .errors import Forbidden as Forbidden
+from .errors import MeshError as MeshError
+from .errors import NotFound as NotFound
+from .errors import PayloadTooLarge as PayloadTooLarge
+from .errors import PeerAuthError as PeerAuthError
+from .errors import PeerError as PeerError
+from .errors import PeerGone as PeerGone
+from .errors import PeerRequestError as PeerRequestError
+from .errors import PeerUnreachable as PeerUnreachable
+from .errors import SpawnError as SpawnError
+from .errors import TaskFailed as TaskFailed
+from .errors import ToolError as ToolError
+from .errors import Unauthorized as Unauthorized
+from .errors import Unavailable as Unavailable
+from .models import TERMINAL_STATUSES as TERMINAL_STATUSES
+from .models import DaemonInfo as DaemonInfo
+from .models import DaemonSpec as DaemonSpec
+from .models import DaemonStatus as DaemonStatus
+from .models import Event as Event
+from .models import ExecRequest as ExecRequest
+from .models import ExecResult as ExecResult
+from .models import FileInfo as FileInfo
+from .models import FileListing as FileListing
+from .models import Health as Health
+from .models import MessageRequest as MessageRequest
+from .models import Mode as Mode
+from .models import ModeChange as ModeChange
+from .models import MoveRequest as MoveRequest
+from .models import NodeInfo as NodeInfo
+from .models import NodeSpec as NodeSpec
+from .models import NodeState as NodeState
+from .models import SnapshotCreate as SnapshotCreate
+from .models import SnapshotInfo as SnapshotInfo
+from .models import Step as Step
+from .models import Task as Task
+from .models import TaskCreate as TaskCreate
+from .models import TaskStatus as TaskStatus
+from .models import Usage as Usage
+
+__all__ = [
+    # client
+    "ExecOutput",
+    "Peer",
+    "RetryPolicy",
+    "TaskHandle",
+    # errors
+    "ApiError",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "MeshError",
+    "NotFound",
+    "PayloadTooLarge",
+    "PeerAuthError",
+    "PeerError",
+    "PeerGone",
+    "PeerRequestError",
+    "PeerUnreachable",
+    "SpawnError",
+    "TaskFailed",
+    "ToolError",
+    "Unauthorized",
+    "Unavailable",
+    # models
+    "TERMINAL_STATUSES",
+    "DaemonInfo",
+    "DaemonSpec",
+    "DaemonStatus",
+    "Event",
+    "ExecRequest",
+    "ExecResult",
+    "FileInfo",
+    "FileListing",
+    "Health",
+    "MessageRequest",
+    "Mode",
+    "ModeChange",
+    "MoveRequest",
+    "NodeInfo",
+    "NodeSpec",
+    "NodeState",
+    "SnapshotCreate",
+    "SnapshotInfo",
+    "Step",
+    "Task",
+    "TaskCreate",
+    "TaskStatus",
+    "Usage",
+]
