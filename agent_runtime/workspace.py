@@ -17,11 +17,13 @@ class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
-    def resolve(self, raw: str, *, must_exist: bool = False) -> Path:
+    def resolve(self, raw: str, *, must_exist: bool = False, follow: bool = True) -> Path:
         """Map a workspace-relative path to a real path inside the root.
 
         Refuses absolute paths, `..` segments (also percent-encoded ones, which a proxy or a
         client may have decoded only once), and symlinks whose target resolves outside.
+        With follow=False a final symlink is not followed: the path names the link itself, for
+        callers that delete or rename it (its folder must still resolve inside).
         """
         if "\x00" in raw:
             raise BadRequest("path contains a NUL byte", details={"path": raw})
@@ -47,6 +49,11 @@ class Workspace:
             raise Forbidden("path resolves outside the workspace", details={"path": raw})
         if must_exist and not os.path.lexists(candidate):
             raise NotFound("no such file or folder", details={"path": raw})
+        if not follow and candidate != self.root:
+            folder = Path(os.path.realpath(candidate.parent))
+            if folder != self.root and self.root not in folder.parents:
+                raise Forbidden("path resolves outside the workspace", details={"path": raw})
+            return folder / candidate.name
         return real
 
     def relative(self, path: Path) -> str:
