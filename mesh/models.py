@@ -22,6 +22,9 @@ __all__ = [
     "FileListing",
     "Health",
     "MessageRequest",
+    "NodeInfo",
+    "NodeSpec",
+    "NodeState",
     "Mode",
     "ModeChange",
     "MoveRequest",
@@ -234,3 +237,52 @@ class Health(BaseModel):
     docker_socket: bool
     model_configured: bool
     capabilities: dict[str, bool] = Field(default_factory=dict)
+
+
+# -- peers ------------------------------------------------------------------------------------
+
+
+class NodeSpec(Request):
+    """What a spawner needs to create a node."""
+
+    name: str | None = Field(
+        default=None, max_length=48, pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Node name; a unique suffix is added to the container or process name.",
+    )
+    role: str | None = None
+    image: str | None = Field(default=None, description="Node image (docker backend only).")
+    env: dict[str, str] = Field(default_factory=dict)
+    model: str | None = None
+    api_base: str | None = None
+    cpus: float | None = Field(default=None, gt=0)
+    memory: str | None = Field(default=None, pattern=r"^[0-9]+[kmgKMG]?$")
+    pids: int | None = Field(default=None, gt=0)
+    workspace_from: str | None = Field(
+        default=None, description="Host folder whose contents seed the new node's workspace."
+    )
+    lease_s: float | None = Field(default=None, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeState(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
+    CRASHED = "crashed"
+    OOM_KILLED = "oom_killed"
+    REMOVED = "removed"
+
+
+class NodeInfo(BaseModel):
+    """A spawned node as its parent sees it. The token stays with the parent."""
+
+    id: str
+    name: str
+    url: str
+    backend: Literal["local", "docker"]
+    mesh: str
+    parent: str | None = None
+    state: NodeState = NodeState.RUNNING
+    exit_code: int | None = None
+    spawned_at: float
+    token: str | None = Field(default=None, repr=False)
