@@ -272,10 +272,8 @@ class Peer:
         stdin: str | None = None,
     ) -> ExecResult:
         """Run a command on the node and wait for it to exit."""
-        request = ExecRequest(
-            command=command, cwd=cwd, env=dict(env) if env else None, timeout_s=timeout_s,
-            stdin=stdin,
-        )
+        request = ExecRequest(command=command, cwd=cwd, env=dict(env) if env else None,
+                              timeout_s=timeout_s, stdin=stdin)
         raw = await self._call(
             "POST", "/api/v1/terminal/exec", json_body=request, read_extra_s=timeout_s
         )
@@ -290,10 +288,8 @@ class Peer:
         stdin: str | None = None,
     ) -> AsyncIterator[ExecOutput | ExecResult]:
         """Run a command, yielding its output as it comes and, last, its ExecResult."""
-        request = ExecRequest(
-            command=command, cwd=cwd, env=dict(env) if env else None, timeout_s=timeout_s,
-            stdin=stdin,
-        )
+        request = ExecRequest(command=command, cwd=cwd, env=dict(env) if env else None,
+                              timeout_s=timeout_s, stdin=stdin)
         ws = await self._websocket("/api/v1/terminal/ws", idempotent=False)
         refusal: str | None = None
         try:
@@ -640,7 +636,8 @@ class Peer:
             raise self._lost(exc, task_id) from exc
         self._answered = True
         self.log.debug("peer.request", url=self.url, method=method, path=path,
-                  status=response.status, ms=round((time.perf_counter() - started) * 1000, 1))
+                       status=response.status,
+                       ms=round((time.perf_counter() - started) * 1000, 1))
         if response.status < 400:
             return response
         try:
@@ -823,10 +820,13 @@ class TaskHandle:
 
     async def result(self, timeout: float | None = None) -> Task:
         """Wait for the task to end and return it; raise TaskFailed unless it completed."""
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 task = await self._wait()
         except TimeoutError as exc:
+            if not deadline.expired():
+                raise
             raise TimeoutError(
                 f"task {self.id} on {self.peer.url} did not end within {timeout} s"
             ) from exc
@@ -845,8 +845,8 @@ class TaskHandle:
                     pass
         except PeerRequestError as exc:
             # The event stream was refused (a proxy without WebSocket, say): ask instead.
-            self.peer.log.info("peer.events_unavailable", url=self.peer.url, task_id=self.id,
-                     status=exc.status)
+            self.peer.log.info("peer.events_unavailable", url=self.peer.url,
+                               task_id=self.id, status=exc.status)
         delay = self.peer.retry.first_wait_s
         task = await self.get()
         while task.status not in TERMINAL_STATUSES:
