@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import socket
@@ -129,8 +130,10 @@ async def test_stalled_subscriber_is_closed_and_memory_stays_flat(
         rss_before = _rss_kb(node_process.proc.pid)
         stalled = _open_stalled_websocket(node_process.url, "after=0")
 
+        body = io.BytesIO(json.dumps({"steps": steps}).encode())
         response = await session.post(
-            f"{node_process.url}/api/v1/agent/tasks", json={"steps": steps})
+            f"{node_process.url}/api/v1/agent/tasks", data=body,
+            headers={"Content-Type": "application/json"})
         task_id = (await response.json())["id"]
 
         # The node notices the stalled reader, drops it, and the task runs to its end.
