@@ -142,6 +142,8 @@ class FlakyNode:
                 assert request.transport is not None
                 request.transport.abort()
                 return web.Response()
+            if self.how == "403":
+                return web.Response(status=403, text="denied by the proxy")
             body = {"error": {"code": "unavailable", "message": "busy", "details": {}}}
             return web.json_response(body, status=503)
         await request.read()
@@ -410,6 +412,17 @@ async def test_path_outside_the_workspace_is_a_request_error_not_an_auth_error(
     assert refused.value.status == 403 and refused.value.code == "forbidden"
 
 
+async def test_403_from_something_other_than_the_node_is_an_auth_error(
+    aiohttp_server: Any,
+) -> None:
+    flaky, peer = await flaky_peer(aiohttp_server, failures=1, how="403")
+    async with peer:
+        with pytest.raises(PeerAuthError, match="Forbidden"):
+            await peer.stat("x")
+
+    assert flaky.attempts["GET /api/v1/stat/x"] == 1
+
+
 @pytest.mark.timeout(15)
 async def test_nothing_listening_raises_peer_unreachable() -> None:
     url = f"http://127.0.0.1:{free_port()}"
@@ -545,6 +558,17 @@ async def test_streamed_upload_and_download_move_megabytes_in_chunks(
     assert all(len(chunk) <= MiB for chunk in chunks) and b"".join(chunks) == expected
     assert local.read_bytes() == expected
     assert not (tmp_path / "big.bin.part").exists()
+
+
+async def test_failed_download_leaves_no_local_file(peer: Peer, tmp_path: Path) -> None:
+    local = tmp_path / "downloads"
+    local.mkdir()
+
+    with pytest.raises(PeerRequestError) as missing:
+        await peer.download("absent.bin", local / "absent.bin")
+
+    assert missing.value.status == 404
+    assert list(local.iterdir()) == []
 
 
 async def test_upload_streams_a_local_file_and_sets_its_mode(peer: Peer, tmp_path: Path) -> None:
