@@ -51,6 +51,7 @@ class NodeConfig(BaseModel):
     parent_url: str | None = None
     lease_s: float | None = None
     rules_file: Path | None = None
+    instructions: str | None = None
 
     @property
     def logs_dir(self) -> Path:
@@ -82,6 +83,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "parent_url": (str, "URL of the node that spawned this one"),
     "lease_s": (float, "stop unless the parent renews the lease within this many seconds"),
     "rules_file": (str, "YAML or JSON file of rules to load at start"),
+    "instructions": (str, "text added to the agent's system prompt"),
     "log_format": (str, "json, console or auto (json unless on a terminal)"),
     "log_level": (str, "debug, info, warning or error (default info)"),
 }

@@ -279,19 +279,15 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
 
 
 async def cmd_validate(args: argparse.Namespace, out: Output) -> int:
-    from .topology import validate_file
+    from .topology import validate_file, validation_report
 
-    problems = validate_file(Path(args.file), overrides=args.set)
-    if problems:
-        out.data([p.model_dump() if hasattr(p, "model_dump") else str(p) for p in problems],
-                 "\n".join(str(p) for p in problems))
-        return EXIT_USAGE
-    from .topology import load_topology
-
-    topology = load_topology(Path(args.file), overrides=args.set)
-    summary = f"ok: {len(topology.nodes)} nodes, {len(topology.tasks)} tasks"
-    out.data({"ok": True, "nodes": len(topology.nodes), "tasks": len(topology.tasks)}, summary)
-    return EXIT_OK
+    if out.as_json:
+        problems = validate_file(Path(args.file), overrides=args.set)
+        out.data({"ok": not problems, "problems": [p.to_dict() for p in problems]})
+        return EXIT_USAGE if problems else EXIT_OK
+    code, lines = validation_report(Path(args.file), overrides=args.set)
+    (sys.stdout if code == 0 else sys.stderr).write("\n".join(lines) + "\n")
+    return EXIT_OK if code == 0 else EXIT_USAGE
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -300,10 +296,15 @@ async def cmd_validate(args: argparse.Namespace, out: Output) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from agent_runtime.config import build_parser as build_node_parser
 
+    # Shared options may come before or after the command; SUPPRESS keeps a subcommand's
+    # default from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--mesh", help="which mesh a NODE name belongs to")
-    common.add_argument("--token", help="token for a NODE given as a URL [env MESH_TOKEN]")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    common.add_argument("--mesh", default=argparse.SUPPRESS,
+                        help="which mesh a NODE name belongs to")
+    common.add_argument("--token", default=argparse.SUPPRESS,
+                        help="token for a NODE given as a URL [env MESH_TOKEN]")
 
     parser = argparse.ArgumentParser(
         prog="mesh", description="Run peermesh topologies and drive agent nodes.",
@@ -313,13 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, handler: Callable[..., Awaitable[int]] | None,
-                ) -> argparse.ArgumentParser:
+                *, shared: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  parents=[common])
+                                  parents=[common] if shared else [])
         sub.set_defaults(handler=handler)
         return sub
 
-    node = command("node", "run one agent node in the foreground", None)
+    node = command("node", "run one agent node in the foreground", None, shared=False)
     build_node_parser(node)
 
     sub = command("up", "start a topology's nodes and print their URLs", cmd_up)
@@ -384,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     parser = build_parser()
     args = parser.parse_args(argv)
+    for option, default in (("json", False), ("mesh", None), ("token", None)):
+        if not hasattr(args, option):
+            setattr(args, option, default)
     if args.command == "node":
         from agent_runtime.__main__ import run_node
 

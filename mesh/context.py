@@ -31,6 +31,7 @@ class MeshContext(BaseModel):
     mesh: str
     backend: str
     topology: str | None = None
+    supervisor_pid: int | None = None
     created_at: float = Field(default_factory=time.time)
     nodes: dict[str, NodeInfo] = Field(default_factory=dict)
 

@@ -260,6 +260,10 @@ class NodeSpec(Request):
     workspace_from: str | None = Field(
         default=None, description="Host folder whose contents seed the new node's workspace."
     )
+    workspace_mount: str | None = Field(
+        default=None,
+        description="Host folder used as the workspace itself (bind-mounted into a container).",
+    )
     lease_s: float | None = Field(default=None, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -279,6 +283,9 @@ class NodeInfo(BaseModel):
     id: str
     name: str
     url: str
+    internal_url: str | None = Field(
+        default=None, description="URL sibling nodes use, where it differs from `url`."
+    )
     backend: Literal["local", "docker"]
     mesh: str
     parent: str | None = None

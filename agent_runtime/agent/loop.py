@@ -128,8 +128,9 @@ class AgentLoop:
         raise TaskError(f"the model took {max_steps} turns without a final answer (max_steps)")
 
     def system_prompt(self, task: Task, mode_prompt: str) -> str:
-        """The system prompt of a turn; the rules engine may transform it."""
-        return mode_prompt
+        """The system prompt of a turn: the mode's, then the node's own instructions."""
+        instructions = self.node.config.instructions
+        return f"{mode_prompt}\n\n{instructions}" if instructions else mode_prompt
 
     async def _model_turn(
         self, task: Task, client: ModelClient, messages: list[dict[str, Any]],

@@ -134,15 +134,18 @@ def _configured_peers(raw: str) -> dict[str, NodeInfo]:
     if not raw.strip():
         return {}
     try:
-        entries = json.loads(raw)
-        return {
-            name: NodeInfo(id=name, name=name, url=entry["url"], token=entry.get("token"),
-                           backend="local", mesh="", spawned_at=0.0)
-            for name, entry in entries.items()
-        }
+        return _book(json.loads(raw))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("peer.bad_configured_peers", error=str(exc))
         return {}
+
+
+def _book(entries: dict[str, Any]) -> dict[str, NodeInfo]:
+    return {
+        name: NodeInfo(id=name, name=name, url=str(entry["url"]).rstrip("/"),
+                       token=entry.get("token"), backend="local", mesh="", spawned_at=0.0)
+        for name, entry in entries.items()
+    }
 
 
 def add_routes(app: web.Application, node: Node) -> None:
@@ -162,6 +165,19 @@ def add_routes(app: web.Application, node: Node) -> None:
         await peers.stop(request.match_info["node_id"])
         return web.Response(status=204)
 
+    async def set_book(request: web.Request) -> web.Response:
+        """Siblings this node may name in its tasks: {name: {"url", "token"}}."""
+        try:
+            entries = await request.json()
+            book = _book(entries)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise BadRequest(
+                'peer book must be {"name": {"url": "...", "token": "..."}}',
+                details={"error": str(exc)},
+            ) from exc
+        peers.known = book
+        return json_response({"peers": sorted(book)})
+
     async def peer_logs(request: web.Request) -> web.Response:
         info = peers.find(request.match_info["node_id"])
         tail_raw = request.query.get("tail", "200")
@@ -172,6 +188,7 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     app.router.add_post("/api/v1/peers", spawn)
     app.router.add_get("/api/v1/peers", list_peers)
+    app.router.add_put("/api/v1/peers/book", set_book)
     app.router.add_get("/api/v1/peers/{node_id}", get_peer)
     app.router.add_delete("/api/v1/peers/{node_id}", stop_peer)
     app.router.add_get("/api/v1/peers/{node_id}/logs", peer_logs)
