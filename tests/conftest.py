@@ -92,7 +92,11 @@ class NodeProcess:
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout=15)
+        code = self.proc.wait(timeout=15)
+        # The ready-line pipe would otherwise be left open, a ResourceWarning under -W error.
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -102,6 +106,8 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture
