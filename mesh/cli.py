@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
@@ -163,7 +164,9 @@ async def cmd_tail(args: argparse.Namespace, out: Output) -> int:
 
 
 async def cmd_exec(args: argparse.Namespace, out: Output) -> int:
-    command = " ".join(args.command)
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    # One argument is a shell command line; several are words, quoted as the shell would.
+    command = words[0] if len(words) == 1 else shlex.join(words)
     if not command:
         raise CliError("no command given", EXIT_USAGE)
     async with open_peer(args, args.node) as peer:
