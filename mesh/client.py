@@ -261,6 +261,14 @@ class Peer:
         raw = await self._call("GET", "/.well-known/agent-card.json")
         return self._decode(dict[str, Any], raw)
 
+    async def skill(self) -> str:
+        """The node's Markdown guide to its own API."""
+        return (await self._call("GET", "/api/v1/skill")).decode("utf-8")
+
+    async def tools(self) -> builtins.list[dict[str, Any]]:
+        """The tools the node's tasks can call, as OpenAI-style function schemas."""
+        return self._decode(list[dict[str, Any]], await self._call("GET", "/api/v1/tools"))
+
     # -- terminal -----------------------------------------------------------------------------
 
     async def exec(

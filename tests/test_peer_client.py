@@ -216,6 +216,8 @@ async def test_health_and_card_describe_the_node(peer: Peer) -> None:
     assert health.status == "ok" and health.capabilities["terminal"]
     assert card["name"] == health.name
     assert any(skill["id"] == "tasks" for skill in card["skills"])
+    assert peer.url in await peer.skill()
+    assert "terminal_exec" in {tool["function"]["name"] for tool in await peer.tools()}
 
 
 async def test_exec_returns_exit_code_and_both_streams(peer: Peer) -> None:
