@@ -23,6 +23,10 @@ def run_node(namespace: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:
+        # Found only when the node builds itself, such as a broken rules file.
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     except OSError as exc:
         sys.stderr.write(f"error: cannot listen on {config.host}:{config.port}: {exc}\n")
         return 1

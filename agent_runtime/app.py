@@ -6,7 +6,7 @@ import asyncio
 import json
 import signal
 import sys
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -24,11 +24,13 @@ NODE = web.AppKey("node", Node)
 
 def build_app(config: NodeConfig) -> web.Application:
     """The node's application; the node starts and stops with it."""
-    from .services import daemons, files, meta, peers, snapshots, tasks, terminal
+    from .services import (
+        daemons, files, gateway, lease, mcp, meta, peers, rules, snapshots, tasks, terminal,
+    )
 
     node = Node(config)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(config.token)],
+        middlewares=[error_middleware, auth_middleware(config.token, also=node.gateway.accepts)],
         client_max_size=config.max_body_bytes,
     )
     app[NODE] = node
@@ -43,13 +45,20 @@ def build_app(config: NodeConfig) -> web.Application:
 
     app.cleanup_ctx.append(node_lifecycle)
     app.on_shutdown.append(stop_taking_work)
-    for service in (meta, terminal, files, daemons, snapshots, tasks, peers):
+    for service in (meta, terminal, files, daemons, snapshots, tasks, peers, lease, gateway,
+                    mcp, rules):
         service.add_routes(app, node)
     return app
 
 
-async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Run the node until SIGTERM or SIGINT, then shut down cleanly."""
+async def serve(
+    config: NodeConfig, *, ready: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the node until SIGTERM, SIGINT or a service asks it to stop, then shut down cleanly.
+
+    `on_ready` is called with the node's URL once it listens (the fork server reports it).
+    """
     app = build_app(config)
     node = app[NODE]
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=3)
@@ -68,14 +77,15 @@ async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> No
     sys.stdout.flush()
     log.info("node.ready", node=config.name, url=node.url, port=port)
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, node.request_stop)
     if ready is not None:
         ready.set()
+    if on_ready is not None:
+        on_ready(node.url)
     try:
-        await stop.wait()
+        await node.stop_requested.wait()
     finally:
         log.info("node.signal", node=config.name)
         await runner.cleanup()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mesh.errors import ConfigError
+from mesh.models import McpServerDecl
 
 __all__ = ["NodeConfig", "parse_node_args"]
 
@@ -51,7 +53,21 @@ class NodeConfig(BaseModel):
     parent_url: str | None = None
     lease_s: float | None = None
     rules_file: Path | None = None
+    # More rules as a JSON list (MESH_RULES, set by topologies); validated when the node starts.
+    rules: list[Any] = Field(default_factory=list)
     instructions: str | None = None
+    # MCP servers attached at start; MESH_MCP_SERVERS holds them as a JSON list.
+    mcp_servers: list[McpServerDecl] = Field(default_factory=list)
+
+    @field_validator("mcp_servers", mode="before")
+    @classmethod
+    def _json_list(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules_json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
 
     @property
     def logs_dir(self) -> Path:
@@ -83,7 +99,10 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "parent_url": (str, "URL of the node that spawned this one"),
     "lease_s": (float, "stop unless the parent renews the lease within this many seconds"),
     "rules_file": (str, "YAML or JSON file of rules to load at start"),
+    "rules": (str, "JSON list of rules to load after the rules file"),
     "instructions": (str, "text added to the agent's system prompt"),
+    "mcp_servers": (str, "MCP servers to attach at start, as a JSON list of "
+                    "{name, command | url, ...}"),
     "log_format": (str, "json, console or auto (json unless on a terminal)"),
     "log_level": (str, "debug, info, warning or error (default info)"),
 }

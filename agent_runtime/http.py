@@ -105,7 +105,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_response(body, status=500)
 
 
-def auth_middleware(token: str) -> Any:
+def auth_middleware(token: str, *, also: Callable[[str, str], bool] | None = None) -> Any:
+    """The node's bearer token on every path but the public ones.
+
+    `also(path, presented)` may accept another token for a path: the model gateway's keys.
+    """
     expected = token.encode()
 
     @web.middleware
@@ -116,7 +120,9 @@ def auth_middleware(token: str) -> Any:
         presented = header[7:] if header[:7].lower() == "bearer " else ""
         # Browsers cannot set headers on a WebSocket, so the token may come as a query value.
         presented = presented or request.query.get("access_token", "")
-        if not hmac.compare_digest(presented.encode(), expected):
+        if not hmac.compare_digest(presented.encode(), expected) and not (
+            also is not None and also(request.path, presented)
+        ):
             raise Unauthorized(
                 "missing bearer token" if not presented else "wrong bearer token"
             )

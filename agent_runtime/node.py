@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import time
@@ -12,9 +13,13 @@ from aiohttp import web
 
 from .config import NodeConfig
 from .events import EventBus
+from .mcp import McpEndpoint, McpServers
 from .metrics import Metrics
+from .rules import RuleEngine, load_rules
 from .services.daemons import Daemons
 from .services.files import Files
+from .services.gateway import Gateway
+from .services.lease import Lease
 from .services.peers import Peers
 from .services.snapshots import Snapshots
 from .services.terminal import Terminal
@@ -42,6 +47,8 @@ class Node:
         self.config = config
         self.state = NodeState.CREATED
         self.started_at = time.time()
+        # First: a broken rules file stops the start before anything is opened.
+        self.rules = RuleEngine(self, load_rules(config))
         config.workspace.mkdir(parents=True, exist_ok=True)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -60,13 +67,23 @@ class Node:
         self.daemons = Daemons(self.workspace, config.logs_dir / "daemons", self.metrics)
         self.snapshots = Snapshots(self.workspace, config.state_dir / "snapshots")
         self.tasks = TaskManager(self)
+        self.gateway = Gateway(self)
         self.peers = Peers(self)
+        self.mcp_servers = McpServers(self)
+        self.mcp_endpoint = McpEndpoint(self)
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.url = config.public_url or ""
+        # serve() runs until this is set: by a signal, or by a service such as the lease.
+        self.stop_requested = asyncio.Event()
+        self.lease = Lease(config.lease_s, self.request_stop, parent_url=config.parent_url)
 
     @property
     def docker_socket(self) -> bool:
         return os.path.exists(os.environ.get("MESH_DOCKER_SOCKET", DOCKER_SOCKET))
+
+    def request_stop(self) -> None:
+        """Ask the serving loop to shut the node down cleanly, as SIGTERM would."""
+        self.stop_requested.set()
 
     async def start(self) -> None:
         from .services import daemons, files, peers, snapshots, terminal
@@ -75,6 +92,9 @@ class Node:
             service.register_tools(self)
         self.tasks.recover()
         await self.daemons.start()
+        await self.mcp_endpoint.start()
+        await self.mcp_servers.start()
+        self.lease.start()
         self.state = NodeState.RUNNING
         log.info("node.started", node=self.config.name, workspace=str(self.config.workspace))
 
@@ -84,7 +104,11 @@ class Node:
             return
         self.state = NodeState.STOPPING
         log.info("node.stopping", node=self.config.name)
+        await self.lease.close()
         await self.tasks.close()
+        await self.rules.close()
+        await self.mcp_servers.close()
+        await self.mcp_endpoint.close()
         for ws in list(self.websockets):
             await ws.close(code=1001, message=b"node stopping")
         await self.daemons.close()

@@ -236,10 +236,12 @@ class TaskManager:
         self.events.emit(task.id, "task.started", {})
         self.node.metrics.tasks_running.inc()
         try:
+            await self.node.rules.session_start(task)
             if task.steps:
                 result = await self._run_steps(task)
             else:
                 result = await self.agent_runner(task)
+            await self.node.rules.session_idle(task, result)
         except asyncio.CancelledError:
             if self._closing:
                 self._finish(task, TaskStatus.INTERRUPTED, error="the node is shutting down")
@@ -249,16 +251,19 @@ class TaskManager:
             # A cancelled task ends here: the cancellation was aimed at this task alone.
         except TaskError as exc:
             await self._roll_back(task)
+            await self.node.rules.session_error(task, str(exc))
             self._finish(task, TaskStatus.FAILED, error=str(exc))
         except Exception as exc:
             bound.exception("task.crashed")
             await self._roll_back(task)
+            await self.node.rules.session_error(task, f"internal error: {exc!r}")
             self._finish(task, TaskStatus.FAILED, error=f"internal error: {exc!r}")
         else:
             await self._drop_rollback_point(task)
             self._finish(task, TaskStatus.COMPLETED, result=result)
         finally:
             self._inbox.pop(task.id, None)
+            self.node.rules.forget(task.id)
             self.node.metrics.tasks_running.dec()
 
     def _finish(
@@ -284,6 +289,12 @@ class TaskManager:
         self.events.emit(task.id, kind, data)
         self.node.metrics.tasks.labels(status=status.value).inc()
         log.info(kind, task_id=task.id, error=error)
+
+    def set_input_required(self, task: Task, waiting: bool) -> None:
+        """Mark a running task as waiting for a person's answer, or as running again."""
+        if task.status not in TERMINAL_STATUSES:
+            task.status = TaskStatus.INPUT_REQUIRED if waiting else TaskStatus.RUNNING
+            self._save(task)
 
     def _save(self, task: Task) -> None:
         if task.status not in TERMINAL_STATUSES:
@@ -311,10 +322,17 @@ class TaskManager:
         """Run one tool call for a task, with its tool_use and tool_result events.
 
         Returns (ok, output): the tool's result, or the reason it could not run. Faults of the
-        call (unknown tool, bad arguments, a refused path) come back as (False, reason).
+        call (unknown tool, bad arguments, a refused path) and refusals by rules come back as
+        (False, reason).
         """
+        rules = self.node.rules
         await self._arm_rollback(task)
-        self.events.emit(task.id, "tool_use", {"call_id": call_id, "tool": name, "args": args})
+        self.events.emit(task.id, "tool_use", {
+            "call_id": call_id, "tool": name, "args": rules.redact_args(task, name, args)})
+        refusal = await rules.before_tool(task, call_id, name, args)
+        if refusal is not None:
+            self._refused(task, call_id, name, refusal)
+            return False, refusal
         started = time.perf_counter()
         ctx = ToolContext(task_id=task.id, call_id=call_id, mode=task.mode.value)
         try:
@@ -323,6 +341,7 @@ class TaskManager:
         except (ToolError, MeshError) as exc:
             output, ok = str(exc), False
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        output = await rules.after_tool(task, call_id, name, args, ok, output)
         self.node.metrics.tool_calls.labels(tool=name, outcome="ok" if ok else "error").inc()
         self.events.emit(
             task.id,
@@ -336,7 +355,12 @@ class TaskManager:
         self, task: Task, call_id: str, name: str, args: Any, reason: str
     ) -> None:
         """Record a tool call that was not run because the call itself was wrong."""
-        self.events.emit(task.id, "tool_use", {"call_id": call_id, "tool": name, "args": args})
+        self.events.emit(task.id, "tool_use", {
+            "call_id": call_id, "tool": name,
+            "args": self.node.rules.redact_args(task, name, args)})
+        self._refused(task, call_id, name, reason)
+
+    def _refused(self, task: Task, call_id: str, name: str, reason: str) -> None:
         self.node.metrics.tool_calls.labels(tool=name, outcome="refused").inc()
         self.events.emit(task.id, "tool_result", {
             "call_id": call_id, "tool": name, "ok": False, "refused": True,

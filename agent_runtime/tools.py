@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Awaitable, Callable
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mesh.errors import ToolError
 
-__all__ = ["Tool", "ToolContext", "ToolRegistry"]
+__all__ = ["JsonArgs", "Tool", "ToolContext", "ToolRegistry"]
 
 
 @dataclasses.dataclass
@@ -29,6 +29,12 @@ class ToolContext:
 ToolHandler = Callable[[ToolContext, Any], Awaitable[Any]]
 
 
+class JsonArgs(BaseModel):
+    """Arguments of a tool described by a JSON schema instead of a model, kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tool:
     name: str
@@ -40,10 +46,16 @@ class Tool:
     writes: bool = False
     executes: bool = False
     peers: bool = False
+    # A tool from elsewhere (an MCP server) brings its own argument schema; the tool then
+    # takes JsonArgs and the server that runs it does the full validation.
+    json_schema: dict[str, Any] | None = None
 
     def schema(self) -> dict[str, Any]:
-        """OpenAI-style function schema, from the pydantic argument model."""
-        params = self.args_model.model_json_schema()
+        """OpenAI-style function schema, from the pydantic argument model or the JSON schema."""
+        if self.json_schema is not None:
+            params = dict(self.json_schema)
+        else:
+            params = self.args_model.model_json_schema()
         params.pop("title", None)
         return {
             "type": "function",
@@ -51,6 +63,8 @@ class Tool:
         }
 
     def parse_args(self, raw: dict[str, Any]) -> BaseModel:
+        if self.json_schema is not None:
+            self._check_schema_keys(raw)
         try:
             return self.args_model.model_validate(raw)
         except ValidationError as exc:
@@ -60,6 +74,19 @@ class Tool:
                 for err in exc.errors()
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}") from exc
+
+    def _check_schema_keys(self, raw: dict[str, Any]) -> None:
+        """The cheap part of JSON-schema validation: required and unknown top-level keys."""
+        assert self.json_schema is not None
+        problems = [
+            f"{key}: Field required" for key in self.json_schema.get("required", [])
+            if key not in raw
+        ]
+        known = self.json_schema.get("properties", {})
+        if self.json_schema.get("additionalProperties") is False:
+            problems += [f"{key}: unknown argument" for key in raw if key not in known]
+        if problems:
+            raise ToolError(f"invalid arguments for {self.name}: {'; '.join(problems)}")
 
     async def call(self, ctx: ToolContext, raw: dict[str, Any]) -> Any:
         return await self.handler(ctx, self.parse_args(raw))

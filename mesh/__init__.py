@@ -4,6 +4,9 @@ The peer library's public surface: `Peer` talks to one node, `TaskHandle` follow
 and the wire models and the one error hierarchy are shared with the node.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from .client import ExecOutput as ExecOutput
 from .client import Peer as Peer
 from .client import RetryPolicy as RetryPolicy
@@ -36,6 +39,9 @@ from .models import ExecResult as ExecResult
 from .models import FileInfo as FileInfo
 from .models import FileListing as FileListing
 from .models import Health as Health
+from .models import McpServerDecl as McpServerDecl
+from .models import McpServerInfo as McpServerInfo
+from .models import McpServerStatus as McpServerStatus
 from .models import MessageRequest as MessageRequest
 from .models import Mode as Mode
 from .models import ModeChange as ModeChange
@@ -87,6 +93,9 @@ __all__ = [
     "FileInfo",
     "FileListing",
     "Health",
+    "McpServerDecl",
+    "McpServerInfo",
+    "McpServerStatus",
     "MessageRequest",
     "Mode",
     "ModeChange",
@@ -102,3 +111,27 @@ __all__ = [
     "TaskStatus",
     "Usage",
 ]
+
+if TYPE_CHECKING:
+    from .mesh import Mesh as Mesh
+    from .spawn import DockerSpawner as DockerSpawner
+    from .spawn import LocalSpawner as LocalSpawner
+    from .spawn import Spawner as Spawner
+    from .spawn import reap as reap
+
+# The mesh and its spawners bring in the Docker SDK, an import a node that never spawns should
+# not pay for at start-up: they load on first use.
+_LAZY = {
+    "DockerSpawner": "mesh.spawn.docker",
+    "LocalSpawner": "mesh.spawn.local",
+    "Mesh": "mesh.mesh",
+    "Spawner": "mesh.spawn.base",
+    "reap": "mesh.spawn.reaper",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mesh' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -7,9 +7,11 @@ not a silently ignored option.
 from __future__ import annotations
 
 import enum
+import shlex
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "DaemonInfo",
@@ -21,6 +23,9 @@ __all__ = [
     "FileInfo",
     "FileListing",
     "Health",
+    "McpServerDecl",
+    "McpServerInfo",
+    "McpServerStatus",
     "MessageRequest",
     "NodeInfo",
     "NodeSpec",
@@ -293,3 +298,76 @@ class NodeInfo(BaseModel):
     exit_code: int | None = None
     spawned_at: float
     token: str | None = Field(default=None, repr=False)
+
+
+# -- MCP servers ------------------------------------------------------------------------------
+
+
+class McpServerDecl(Request):
+    """An MCP server to attach: a command spoken to over stdio, or a streamable HTTP URL."""
+
+    name: str = Field(
+        min_length=1, max_length=40, pattern=r"^[a-z0-9_-]+$",
+        description="Prefix of the server's tools on the node: NAME__TOOL.",
+    )
+    command: list[str] | str | None = Field(
+        default=None, description="argv of a stdio server; a string is split like a shell would.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Variables added to the stdio server's environment.")
+    cwd: str | None = Field(
+        default=None, description="Working folder of the stdio server, inside the workspace.")
+    url: str | None = Field(
+        default=None, pattern=r"^https?://", description="Endpoint of a streamable HTTP server.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Headers sent to an HTTP server, e.g. Authorization.")
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Time one tool call may take.")
+    connect_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Time to start or reach the server, shake hands and list its tools.")
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerDecl:
+        if (self.command is None) == (self.url is None):
+            raise PydanticCustomError(
+                "mcp_transport",
+                "an MCP server needs exactly one of `command` (stdio) or `url` (streamable HTTP)")
+        if self.url is not None and (self.env or self.cwd is not None):
+            raise PydanticCustomError(
+                "mcp_transport", "`env` and `cwd` apply only to a `command` server")
+        if self.command is not None and self.headers:
+            raise PydanticCustomError("mcp_transport", "`headers` apply only to a `url` server")
+        if self.command is not None:
+            try:
+                argv = self.argv()
+            except ValueError as exc:
+                raise PydanticCustomError(
+                    "mcp_transport", "`command` cannot be split: {reason}", {"reason": str(exc)}
+                ) from None
+            if not argv:
+                raise PydanticCustomError("mcp_transport", "`command` is empty")
+        return self
+
+    def argv(self) -> list[str]:
+        """The command as argv; a string is split by shell rules (quotes, no expansion)."""
+        if isinstance(self.command, str):
+            return shlex.split(self.command)
+        return list(self.command or [])
+
+
+class McpServerStatus(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    CRASHED = "crashed"
+    STOPPED = "stopped"
+
+
+class McpServerInfo(BaseModel):
+    """An attached MCP server as the node sees it; headers and env stay private."""
+
+    name: str
+    transport: Literal["stdio", "http"]
+    status: McpServerStatus
+    tools: list[str] = Field(description="The node's names of the server's tools.")
+    error: str | None = Field(default=None, description="Why the server is not running.")
+    attached_at: float

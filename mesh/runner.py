@@ -115,6 +115,16 @@ def node_spec(topology: Topology, instance: NodeInstance, scratch: Path) -> Node
     env = {key: str(value) for key, value in decl.env.items()}
     if decl.instructions:
         env["MESH_INSTRUCTIONS"] = decl.instructions
+    # Mesh-wide MCP servers first; a node's own server of the same name replaces one.
+    mcp_servers = {server.name: server
+                   for server in [*topology.mesh.mcp_servers, *decl.mcp_servers]}
+    if mcp_servers:
+        env["MESH_MCP_SERVERS"] = json.dumps(
+            [server.model_dump(exclude_defaults=True) for server in mcp_servers.values()])
+    # Mesh-wide rules first, then the node's own; the node validates them as it starts.
+    rules = [*topology.mesh.rules, *decl.rules]
+    if rules:
+        env["MESH_RULES"] = json.dumps(rules)
     return NodeSpec(
         name=instance.name, role=decl.role, env=env, model=instance.model,
         api_base=instance.api_base, cpus=decl.resources.cpus, memory=decl.resources.memory,

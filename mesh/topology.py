@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .models import Mode, Step
+from .models import McpServerDecl, Mode, Step
 
 __all__ = [
     "Branch",
@@ -190,7 +190,7 @@ class MeshSettings(_Strict):
     workspace: WorkspaceDecl | None = Field(
         default=None, description="Workspace of every node that declares none.")
     rules: list[dict[str, Any]] = Field(default_factory=list)
-    mcp_servers: list[dict[str, Any]] = Field(default_factory=list)
+    mcp_servers: list[McpServerDecl] = Field(default_factory=list)
 
 
 class NodeDecl(_Strict):
@@ -210,9 +210,9 @@ class NodeDecl(_Strict):
         default=None, description="Added to the system prompt of this node's agent.")
     may_spawn: list[str] = Field(
         default_factory=list, description="Node names or roles this node may spawn.")
-    # TODO: give rules and MCP servers a schema once the node implements them.
+    # TODO: give rules a schema once the node implements them.
     rules: list[dict[str, Any]] = Field(default_factory=list)
-    mcp_servers: list[dict[str, Any]] = Field(default_factory=list)
+    mcp_servers: list[McpServerDecl] = Field(default_factory=list)
 
 
 class FanOut(_Strict):

@@ -84,8 +84,9 @@ class AgentLoop:
 
             policy = policy_for(task.mode)
             tools = [tool for tool in node.tools.all() if policy.allows(tool)]
-            system = {"role": "system", "content": self.system_prompt(task, policy.prompt)}
-            turn = await self._model_turn(task, client, [system, *messages], tools, step)
+            system = self.system_prompt(task, policy.prompt)
+            request = await node.rules.prompt(task, system, messages)
+            turn = await self._model_turn(task, client, request, tools, step)
             self._count_usage(task, turn)
 
             assistant: dict[str, Any] = {"role": "assistant", "content": turn.text or None}
@@ -155,8 +156,9 @@ class AgentLoop:
             events.emit(task.id, "model.retry", {"attempt": attempt, "reason": str(fault),
                                                  "delay_s": round(delay, 3)})
 
+        settings = await self.node.rules.chat_params(task, client.settings, messages)
         try:
-            turn = await client.complete(
+            turn = await ModelClient(settings).complete(
                 messages, [tool.schema() for tool in tools], on_text=on_text, on_retry=on_retry
             )
         except ModelError as exc:

@@ -46,6 +46,8 @@ class ModelSettings:
     api_base: str | None = None
     api_key: str | None = dataclasses.field(default=None, repr=False)
     temperature: float | None = None
+    # Output tokens of one call; set by rules (set-params), unlimited otherwise.
+    max_tokens: int | None = None
     timeout_s: float = 120.0
     idle_timeout_s: float = 60.0
     retries: int = 4
@@ -183,6 +185,8 @@ class ModelClient:
             kwargs["api_key"] = settings.api_key
         if settings.temperature is not None:
             kwargs["temperature"] = settings.temperature
+        if settings.max_tokens is not None:
+            kwargs["max_tokens"] = settings.max_tokens
 
         turn = ModelTurn()
         calls: dict[int, dict[str, str]] = {}

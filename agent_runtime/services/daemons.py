@@ -26,30 +26,15 @@ from ..http import json_response, read_model
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
 from ..workspace import Workspace
+from .terminal import NON_INTERACTIVE_ENV
 
 if TYPE_CHECKING:
     from ..node import Node
 
-__all__ = ["NON_INTERACTIVE_ENV", "Daemons", "add_routes", "register_tools"]
+__all__ = ["Daemons", "add_routes", "register_tools"]
 
 log = structlog.get_logger("agent_runtime.daemons")
 
-# Nothing a daemon runs may wait for a person: no pager, editor or prompt, no colour codes in
-# the log. PYTHONUNBUFFERED makes Python daemons' output reach the log (and `follow`) at once.
-# TODO: use the terminal service's NON_INTERACTIVE_ENV once that lands; the same on purpose.
-NON_INTERACTIVE_ENV = {
-    "CI": "1",
-    "PAGER": "cat",
-    "GIT_PAGER": "cat",
-    "EDITOR": "true",
-    "VISUAL": "true",
-    "GIT_TERMINAL_PROMPT": "0",
-    "DEBIAN_FRONTEND": "noninteractive",
-    "TERM": "dumb",
-    "PIP_NO_INPUT": "1",
-    "NO_COLOR": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 
 # The node's own credentials are not the daemon's business.
 SECRET_ENV = ("MESH_TOKEN", "MESH_API_KEY")

@@ -7,9 +7,11 @@ it did not spawn can be named in its configuration (MESH_PEERS) with their URL a
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
-from typing import TYPE_CHECKING, Any
+import secrets
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiohttp import web
@@ -23,6 +25,7 @@ from mesh.models import Mode, NodeInfo, NodeSpec, Step
 from ..http import json_response, read_model
 from ..tasks import cut
 from ..tools import Tool, ToolContext
+from .gateway import ALIAS as GATEWAY_ALIAS
 
 if TYPE_CHECKING:
     from mesh.spawn.base import Spawner
@@ -34,6 +37,8 @@ __all__ = ["Peers", "add_routes", "register_tools"]
 log = structlog.get_logger("agent_runtime.peers")
 
 READ_PEER_FILE_CHARS = 256 * 1024
+# A spec that sets any of these brings a provider of its own and gets no gateway key.
+PROVIDER_ENV = ("MESH_MODEL", "MESH_API_BASE", "MESH_API_KEY")
 
 
 class Peers:
@@ -80,19 +85,73 @@ class Peers:
         return self._spawner
 
     async def spawn(self, spec: NodeSpec) -> NodeInfo:
-        if not spec.model and self.node.config.model:
-            spec = spec.model_copy(update={"model": self.node.config.model,
-                                           "api_base": self.node.config.api_base})
         try:
-            info = await self.spawner().spawn(spec, parent=self.node.config.name)
+            return await self.spawn_child(spec)
         except SpawnError as exc:
             raise Unavailable(f"spawn failed: {exc}") from exc
+
+    async def spawn_child(self, spec: NodeSpec) -> NodeInfo:
+        """Start a child node; a SpawnError says why it could not."""
+        spawner = self.spawner()
+        spec, grant = self._provider_spec(spec)
+        gateway = self.node.gateway
+        try:
+            info = await spawner.spawn(spec, parent=self.node.config.name)
+        except BaseException:
+            # A child that never came up must not leave a working key behind.
+            if grant is not None:
+                gateway.revoke(grant, forget=True)
+            raise
+        if grant is not None:
+            gateway.rename(grant, info.id)
         self.children[info.id] = info
-        log.info("peer.spawned", node=info.name, node_id=info.id, url=info.url)
+        log.info("peer.spawned", node=info.name, node_id=info.id, url=info.url,
+                 gateway=grant is not None)
         return info
+
+    def _provider_spec(self, spec: NodeSpec) -> tuple[NodeSpec, str | None]:
+        """The spec with the child's model settings, and the owner of its gateway key if any.
+
+        A child uses this node's model through this node's gateway, with a key of its own and
+        never this node's provider key, unless its spec names a provider of its own.
+        """
+        config = self.node.config
+        if not config.model:
+            return spec, None
+        own_provider = (
+            spec.model not in (None, config.model)
+            or spec.api_base not in (None, config.api_base)
+            or any(name in spec.env for name in PROVIDER_ENV)
+        )
+        url = None if own_provider else self._gateway_url()
+        if url is not None:
+            owner = f"pending-{secrets.token_hex(8)}"
+            env = {**spec.env, "MESH_MODEL": f"openai/{GATEWAY_ALIAS}",
+                   "MESH_API_BASE": f"{url}/api/v1/ai",
+                   "MESH_API_KEY": self.node.gateway.mint(owner)}
+            return spec.model_copy(update={"model": None, "api_base": None, "env": env}), owner
+        if not spec.model:
+            spec = spec.model_copy(update={"model": config.model, "api_base": config.api_base})
+        return spec, None
+
+    def _gateway_url(self) -> str | None:
+        """This node's URL as its children reach it, or None where they cannot."""
+        spawner = self.spawner()
+        if spawner.backend == "local":
+            return self.node.url or None
+        # A container reaches its parent only by name, on the mesh network they share.
+        network = getattr(spawner, "network", None)
+        if os.path.exists("/.dockerenv") and os.environ.get("MESH_NETWORK") == network:
+            return self.node.url or None
+        # TODO: a parent on the host could serve its containers via host.docker.internal.
+        log.warning("gateway.unreachable", backend=spawner.backend,
+                    reason="the parent is not on the children's Docker network")
+        return None
 
     async def stop(self, node_id: str) -> None:
         info = self.find(node_id)
+        # The key stops first: a child being stopped has no further use for the model.
+        self.node.gateway.revoke(info.id)
         await self.spawner().stop(info.id)
         self.children.pop(info.id, None)
 
@@ -124,9 +183,45 @@ class Peers:
         return Peer(info.url, info.token)
 
     async def close(self) -> None:
+        for node_id in self.children:
+            self.node.gateway.revoke(node_id)
         if self._spawner is not None:
             await self._spawner.close()
             self.children.clear()
+
+
+class _ChildSpawner:
+    """The node's spawner as a fan-out sees it: its children come and go through Peers.
+
+    So they get gateway keys and lose them when stopped. It is a Spawner by duck typing only,
+    since importing mesh.spawn (and the Docker SDK with it) would slow every node's start.
+    """
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+        self.inner = peers.spawner()
+        self.backend = self.inner.backend
+
+    async def spawn(self, spec: NodeSpec, *, parent: str | None = None) -> NodeInfo:
+        return await self.peers.spawn_child(spec)
+
+    async def stop(self, node_id: str) -> None:
+        if node_id in self.peers.children:
+            await self.peers.stop(node_id)
+        else:
+            await self.inner.stop(node_id)
+
+    async def list(self) -> builtins.list[NodeInfo]:
+        return await self.inner.list()
+
+    async def status(self, node_id: str) -> NodeInfo:
+        return await self.inner.status(node_id)
+
+    async def logs(self, node_id: str, tail: int = 200) -> str:
+        return await self.inner.logs(node_id, tail)
+
+    async def close(self) -> None:
+        """Nothing to do: the node's spawner outlives a fan-out, and Peers.close closes it."""
 
 
 def _configured_peers(raw: str) -> dict[str, NodeInfo]:
@@ -285,7 +380,8 @@ def register_tools(node: Node) -> None:
                 assignments.append(Assignment(task=body, spec=spec, name=branch.spawn))
             else:
                 raise ToolError("each assignment needs `node` (existing) or `spawn` (new)")
-        spawner = peers.spawner() if any(a.spec for a in assignments) else None
+        spawner = (cast("Spawner", _ChildSpawner(peers)) if any(a.spec for a in assignments)
+                   else None)
         outcomes = await fan_out(assignments, spawner=spawner, limit=args.limit,
                                  timeout=args.timeout_s)
         return [

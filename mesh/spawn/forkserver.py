@@ -1,0 +1,209 @@
+"""The fork server: a process that imports the node once and forks a child for every spawn.
+
+Starting `python -m agent_runtime` costs most of a second of CPU in imports alone, which
+would put 32 nodes at once on two cores far past any useful start-up time. This process pays
+that cost once; each fork starts serving within milliseconds. It runs no threads and no event
+loop, so forking it is safe, and it talks to its LocalSpawner over one SOCK_SEQPACKET socket
+(one JSON message per packet):
+
+    spawner -> server   {"op": "spawn", "id", "env", "cwd", "log"}
+    server  -> spawner  {"op": "hello", "pid"}            imports done, ready to fork
+                        {"op": "spawned", "id", "pid"}    or {"op": "spawn_failed", "id", "error"}
+                        {"op": "exited", "id", "pid", "code"}
+    child   -> spawner  {"op": "ready", "id", "url"}      the node listens (sent by the child)
+
+Exit codes follow the shell's rule: 128 + N for a child killed by signal N. When the spawner
+goes away (its end of the socket closes) or this process gets SIGTERM, every child is sent
+SIGTERM, and SIGKILL after a grace period.
+
+Run as `python -m mesh.spawn.forkserver FD`, FD being the inherited socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+STOP_GRACE_S = 5.0
+MAX_MESSAGE = 1024 * 1024
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[0]))
+    _preload()
+    server = _Server(sock)
+    return server.run()
+
+
+def _preload() -> None:
+    """Import everything a node needs before its first fork, once for all children."""
+    import agent_runtime.__main__  # noqa: F401
+    import agent_runtime.app  # noqa: F401
+    import agent_runtime.config  # noqa: F401
+    import agent_runtime.logs  # noqa: F401
+
+
+class _Server:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.children: dict[int, str] = {}
+        # Signals arrive as bytes on this pair, so select() wakes up for them.
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        signal.signal(signal.SIGCHLD, _ignore)
+        signal.signal(signal.SIGTERM, _ignore)
+        # Ctrl+C in the spawner's terminal is the spawner's to handle, not ours.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def run(self) -> int:
+        self.send({"op": "hello", "pid": os.getpid()})
+        while True:
+            readable, _, _ = select.select([self.sock, self.wake_r], [], [])
+            if self.wake_r in readable:
+                signals = self.wake_r.recv(256)
+                self.reap()
+                if signal.SIGTERM in signals:
+                    break
+            if self.sock in readable:
+                data = self.sock.recv(MAX_MESSAGE)
+                if not data:
+                    break
+                self.handle(json.loads(data))
+        self.shutdown()
+        return 0
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.sock.send(json.dumps(message).encode())
+        except OSError:
+            pass
+
+    def handle(self, request: dict[str, Any]) -> None:
+        if request.get("op") != "spawn":
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.send({"op": "spawn_failed", "id": request["id"], "error": str(exc)})
+            return
+        if pid == 0:
+            self._become_child(request)
+        self.children[pid] = request["id"]
+        self.send({"op": "spawned", "id": request["id"], "pid": pid})
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            node_id = self.children.pop(pid, None)
+            if node_id is not None:
+                self.send({"op": "exited", "id": node_id, "pid": pid,
+                           "code": 128 - code if code < 0 else code})
+
+    def shutdown(self) -> None:
+        for pid in self.children:
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.children and time.monotonic() < deadline:
+            select.select([self.wake_r], [], [], 0.05)
+            self.reap()
+        for pid in self.children:
+            _signal_group(pid, signal.SIGKILL)
+        self.reap()
+
+    def _become_child(self, request: dict[str, Any]) -> None:
+        """Turn this fork into the node the request describes; never returns."""
+        code = 1
+        try:
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            self.wake_r.close()
+            self.wake_w.close()
+            _redirect_stdio(request["log"])
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            code = _run_node(request["id"], self.sock)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A Python-level handler, so that the wake-up fd sees the signal."""
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    # A child leads its own group once it has called setsid(); one just forked may not yet.
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def _redirect_stdio(log_path: str) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(devnull)
+    os.close(log)
+
+
+def _run_node(node_id: str, sock: socket.socket) -> int:
+    """What `python -m agent_runtime` does, plus telling the spawner the node's URL."""
+    import asyncio
+
+    from agent_runtime.app import serve
+    from agent_runtime.config import build_parser, config_from_namespace
+    from agent_runtime.logs import configure_logging
+    from mesh.errors import ConfigError
+
+    try:
+        config = config_from_namespace(build_parser().parse_args([]), dict(os.environ))
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    configure_logging(config.log_format, config.log_level)
+
+    def report_ready(url: str) -> None:
+        try:
+            sock.send(json.dumps({"op": "ready", "id": node_id, "url": url}).encode())
+        except OSError:
+            pass
+        # Our copy of the socket must not keep the spawner from seeing the server go away.
+        sock.close()
+
+    try:
+        asyncio.run(serve(config, on_ready=report_ready))
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot listen on {config.host}:{config.port}: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

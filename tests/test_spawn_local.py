@@ -1,0 +1,129 @@
+"""LocalSpawner: nodes as local processes, forked from a fork server, found again by registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+from spawn_support import (  # noqa: F401  (fixtures)
+    answers,
+    mesh_name,
+    peermesh_home,
+    start_parent,
+    wait_for,
+)
+
+from mesh.errors import SpawnError
+from mesh.models import NodeSpec
+from mesh.spawn import LocalSpawner, reap, registry
+
+
+@pytest.fixture
+async def local(
+    mesh_name: str, tmp_path: Path, peermesh_home: Path
+) -> AsyncIterator[LocalSpawner]:
+    spawner = LocalSpawner(mesh_name, tmp_path / "nodes")
+    yield spawner
+    await spawner.close()
+    assert registry.read_records(mesh_name) == []
+
+
+async def test_workspace_is_seeded_with_a_copy_of_the_folder(
+    local: LocalSpawner, tmp_path: Path
+) -> None:
+    source = tmp_path / "project"
+    (source / "src").mkdir(parents=True)
+    (source / "src" / "main.py").write_text("print('hi')\n")
+
+    node = await local.spawn(NodeSpec(name="seeded", workspace_from=str(source)))
+
+    copy = tmp_path / "nodes" / node.id / "workspace" / "src" / "main.py"
+    assert copy.read_text() == "print('hi')\n"
+    copy.write_text("changed\n")
+    assert (source / "src" / "main.py").read_text() == "print('hi')\n"
+
+
+async def test_missing_seed_folder_is_refused_by_name(local: LocalSpawner, tmp_path: Path) -> None:
+    with pytest.raises(SpawnError, match="nowhere"):
+        await local.spawn(NodeSpec(name="seeded", workspace_from=str(tmp_path / "nowhere")))
+
+
+async def test_each_node_runs_in_a_session_of_its_own(local: LocalSpawner) -> None:
+    node = await local.spawn(NodeSpec(name="apart"))
+
+    record = next(r for r in registry.read_records(local.mesh) if r.id == node.id)
+    assert os.getsid(record.pid) == record.pid != os.getsid(0)
+
+
+async def test_registry_names_each_node_but_never_its_token(
+    local: LocalSpawner, peermesh_home: Path
+) -> None:
+    node = await local.spawn(NodeSpec(name="listed"))
+    assert node.token is not None
+
+    files = list((peermesh_home / "meshes" / local.mesh).glob("*.json"))
+    texts = [f.read_text() for f in files]
+    assert any(json.loads(t)["url"] == node.url for t in texts)
+    assert all(node.token not in t for t in texts)
+
+
+async def test_spawner_without_a_root_removes_its_folder_on_close(
+    mesh_name: str, peermesh_home: Path
+) -> None:
+    spawner = LocalSpawner(mesh_name)
+    await spawner.spawn(NodeSpec(name="temp"))
+    assert spawner.root is not None and spawner.root.is_dir()
+
+    await spawner.close()
+
+    assert not spawner.root.exists()
+
+
+async def test_nodes_stop_at_once_when_their_spawner_is_killed(
+    mesh_name: str, tmp_path: Path, peermesh_home: Path
+) -> None:
+    parent, child = await start_parent("local", mesh_name, tmp_path / "nodes", 300.0)
+
+    parent.kill()
+    await parent.wait()
+
+    # The fork server sees its spawner go and stops the node long before the lease would.
+    async def stopped() -> bool:
+        return not await answers(child.url)
+
+    await wait_for(stopped, 15, "the node to stop")
+    await reap(mesh_name)
+
+
+async def test_reap_leaves_alone_a_process_that_reused_a_recorded_pid(
+    mesh_name: str, peermesh_home: Path
+) -> None:
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        start_time = registry.process_start_time(bystander.pid)
+        assert start_time is not None
+        registry.register(registry.ProcessRecord(
+            id="ghost", kind="node", mesh=mesh_name, pid=bystander.pid,
+            start_time=start_time - 1,
+        ))
+
+        report = await reap(mesh_name)
+
+        assert report.processes == []
+        assert bystander.poll() is None
+        assert registry.read_records(mesh_name) == []
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+async def test_fan_out_of_thirty_two_nodes_all_come_up(local: LocalSpawner) -> None:
+    nodes = await asyncio.gather(*(local.spawn(NodeSpec(name="many")) for _ in range(32)))
+
+    assert len({n.url for n in nodes}) == 32
+    assert all(await asyncio.gather(*(answers(n.url) for n in nodes)))
