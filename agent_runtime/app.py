@@ -66,6 +66,11 @@ async def serve(
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
 
+    # Before the ready line: whoever reads it may send SIGTERM at once and expects a clean stop.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.request_stop)
+
     port = runner.addresses[0][1]
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     node.url = config.public_url or f"http://{host}:{port}"
@@ -77,9 +82,6 @@ async def serve(
     sys.stdout.flush()
     log.info("node.ready", node=config.name, url=node.url, port=port)
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, node.request_stop)
     if ready is not None:
         ready.set()
     if on_ready is not None:

@@ -136,10 +136,14 @@ def parse_node_args(
 
 def config_from_namespace(namespace: argparse.Namespace, environ: dict[str, str]) -> NodeConfig:
     values: dict[str, object] = {}
+    # Where each value came from, so that an error names the option or variable to fix.
+    sources: dict[str, str] = {}
     for option in _OPTIONS:
         value = getattr(namespace, option, None)
+        sources[option] = "--" + option.replace("_", "-")
         if value is None:
             value = environ.get(_env_name(option)) or None
+            sources[option] = _env_name(option)
         if value is not None:
             values[option] = value
 
@@ -160,6 +164,13 @@ def config_from_namespace(namespace: argparse.Namespace, environ: dict[str, str]
         return NodeConfig.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{_source(err['loc'], sources)}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid node configuration: {problems}") from exc
+
+
+def _source(loc: tuple[int | str, ...], sources: dict[str, str]) -> str:
+    """`--port` or `MESH_PORT` for a value that came from there, else the field's path."""
+    path = ".".join(str(part) for part in loc)
+    origin = sources.get(str(loc[0])) if loc else None
+    return f"{origin} ({path})" if origin and len(loc) == 1 else path

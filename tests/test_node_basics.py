@@ -25,3 +25,61 @@ async def test_wrong_token_is_refused_with_401(client: TestClient) -> None:
     )
     assert response.status == 401
     assert "wrong" in (await response.json())["error"]["message"]
+
+
+async def test_agent_card_needs_no_token_and_points_at_the_skill_text(
+    client: TestClient,
+) -> None:
+    response = await client.get("/.well-known/agent-card.json", headers={"Authorization": ""})
+    assert response.status == 200
+    card = await response.json()
+    assert card["name"] == "test-node"
+    assert card["url"].startswith("http://")
+    assert card["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert {skill["id"] for skill in card["skills"]} >= {"terminal", "files", "tasks"}
+    assert card["documentationUrl"].endswith("/api/v1/skill")
+
+
+async def test_skill_text_describes_every_service_an_agent_needs(client: TestClient) -> None:
+    response = await client.get("/api/v1/skill")
+    assert response.status == 200
+    assert response.content_type == "text/markdown"
+    text = await response.text()
+    for route in ("/api/v1/terminal/exec", "/api/v1/files/", "/api/v1/daemons",
+                  "/api/v1/snapshots", "/api/v1/agent/tasks", "/api/v1/peers"):
+        assert route in text, f"the skill text never mentions {route}"
+    assert "{{URL}}" not in text
+
+
+async def test_skill_and_openapi_need_the_token(client: TestClient) -> None:
+    for path in ("/api/v1/skill", "/api/v1/openapi.json", "/api/v1/tools"):
+        response = await client.get(path, headers={"Authorization": ""})
+        assert response.status == 401, path
+
+
+async def test_openapi_document_lists_the_node_routes_with_schemas(client: TestClient) -> None:
+    response = await client.get("/api/v1/openapi.json")
+    assert response.status == 200
+    document = await response.json()
+    assert document["openapi"].startswith("3.")
+    assert "/api/v1/terminal/exec" in document["paths"]
+    assert "/api/v1/agent/tasks" in document["paths"]
+    assert "ExecRequest" in document["components"]["schemas"]
+
+
+async def test_tools_listing_gives_json_schemas_built_from_models(client: TestClient) -> None:
+    response = await client.get("/api/v1/tools")
+    tools = {tool["function"]["name"]: tool["function"] for tool in await response.json()}
+    assert {"terminal_exec", "read_file", "write_file", "edit_file"} <= set(tools)
+    parameters = tools["write_file"]["parameters"]
+    assert parameters["type"] == "object"
+    assert {"path", "content"} <= set(parameters["properties"])
+
+
+async def test_metrics_count_requests_in_prometheus_text(client: TestClient) -> None:
+    await client.post("/api/v1/terminal/exec", json={"command": "true"})
+    response = await client.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    assert "# TYPE" in text
+    assert "exec" in text

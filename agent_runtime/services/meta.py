@@ -97,12 +97,12 @@ def add_routes(app: web.Application, node: Node) -> None:
         return web.Response(body=node.metrics.render(),
                             content_type="text/plain", charset="utf-8")
 
+    async def tools(request: web.Request) -> web.Response:
+        return json_response([tool.schema() for tool in node.tools.all()])
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/.well-known/agent-card.json", agent_card)
     app.router.add_get("/api/v1/skill", skill)
     app.router.add_get("/api/v1/openapi.json", openapi)
-    async def tools(request: web.Request) -> web.Response:
-        return json_response([tool.schema() for tool in node.tools.all()])
-
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/tools", tools)
