@@ -13,6 +13,7 @@ Cancelling the fan-out cancels its tasks and stops the nodes it spawned for the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import time
@@ -21,8 +22,16 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 import structlog
 
 from .client import Peer, TaskHandle
-from .errors import PeerError, PeerGone, PeerUnreachable, SpawnError, TaskFailed
-from .models import NodeInfo, NodeSpec, NodeState, Task, TaskCreate
+from .errors import ConfigError, PeerError, PeerGone, PeerUnreachable, SpawnError, TaskFailed
+from .models import (
+    TERMINAL_STATUSES,
+    NodeInfo,
+    NodeSpec,
+    NodeState,
+    Task,
+    TaskCreate,
+    TaskStatus,
+)
 
 if TYPE_CHECKING:
     from .spawn.base import Spawner
@@ -31,12 +40,19 @@ __all__ = ["Assignment", "BranchState", "FailureKind", "Outcome", "fan_out"]
 
 log = structlog.get_logger("mesh.fanout")
 
+# How long a branch whose node broke off waits for its spawner to say how the node ended.
+DIAGNOSE_WAIT_S = 3.0
+# How long cancelling a branch's task may take before the branch gives up on it.
+CANCEL_WAIT_S = 2.0
+
 
 class FailureKind(str, enum.Enum):
     TASK_FAILED = "task failed"
     TIMED_OUT = "timed out"
     NODE_CRASHED = "node crashed"
     NODE_REMOVED = "node removed"
+    # The node answered before and stopped, and nothing here knows why.
+    NODE_GONE = "node gone"
     UNREACHABLE = "unreachable"
     SPAWN_FAILED = "spawn failed"
     CANCELLED = "cancelled"
@@ -101,12 +117,12 @@ async def fan_out(
 ) -> list[Outcome]:
     """Run every assignment, at most `limit` at once; one Outcome per assignment, in order."""
     if limit < 1:
-        raise ValueError("limit must be at least 1")
+        raise ConfigError(f"limit must be at least 1, not {limit}")
     for index, assignment in enumerate(assignments):
         if assignment.node is None and assignment.spec is None:
-            raise ValueError(f"assignment {index} names neither a node nor a spec to spawn")
+            raise ConfigError(f"assignment {index} names neither a node nor a spec to spawn")
         if assignment.node is None and spawner is None:
-            raise ValueError(f"assignment {index} needs a spawner to create its node")
+            raise ConfigError(f"assignment {index} needs a spawner to create its node")
 
     gate = asyncio.Semaphore(limit)
     branches = [
@@ -117,6 +133,12 @@ async def fan_out(
         jobs = [group.create_task(branch.run(), name=f"fan-out-{branch.name}")
                 for branch in branches]
     return [job.result() for job in jobs]
+
+
+_ENDED = frozenset({NodeState.EXITED, NodeState.CRASHED, NodeState.OOM_KILLED,
+                    NodeState.REMOVED})
+# Failures after which the branch's task may still be running on its node.
+_TASK_LEFT = frozenset({FailureKind.TIMED_OUT, FailureKind.ERROR})
 
 
 class _Branch:
@@ -140,6 +162,7 @@ class _Branch:
         self.node: NodeInfo | None = (
             assignment.node if isinstance(assignment.node, NodeInfo) else None
         )
+        self.peer: Peer | None = None
         self.task_id: str | None = None
         self.url: str | None = None
 
@@ -164,26 +187,27 @@ class _Branch:
             except asyncio.CancelledError:
                 await asyncio.shield(self._clean_up(cancel_task=True))
                 raise
-            await asyncio.shield(self._clean_up(cancel_task=not outcome.succeeded))
+            await asyncio.shield(self._clean_up(cancel_task=outcome.failure in _TASK_LEFT))
         state = BranchState.SUCCEEDED if outcome.succeeded else BranchState.FAILED
         await self.progress(state, outcome.reason or "")
         log.info("fanout.branch_done", branch=self.name, status=outcome.status,
-                 failure=outcome.failure.value if outcome.failure else None)
+                 failure=outcome.failure.value if outcome.failure else None,
+                 duration_s=outcome.duration_s)
         return outcome
 
     async def _run(self, started: float) -> Outcome:
+        scope = asyncio.timeout(self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                peer = await self._peer()
-                self.url = peer.url
-                try:
-                    return await self._run_task(peer, started)
-                finally:
-                    if not isinstance(self.assignment.node, Peer):
-                        await peer.close()
-        except TimeoutError:
+            async with scope:
+                self.peer = await self._peer()
+                self.url = self.peer.url
+                return await self._run_task(self.peer, started)
+        except TimeoutError as exc:
+            if not scope.expired():
+                return self.outcome(started, succeeded=False, failure=FailureKind.ERROR,
+                                    reason=str(exc) or "a call timed out")
             return self.outcome(started, succeeded=False, failure=FailureKind.TIMED_OUT,
-                                reason=f"no result within {self.timeout:g}s")
+                                reason=f"no result within {self.timeout:g} s")
         except SpawnError as exc:
             return self.outcome(started, succeeded=False, failure=FailureKind.SPAWN_FAILED,
                                 reason=str(exc))
@@ -222,38 +246,64 @@ class _Branch:
         handle = await peer.submit(**body)
         self.task_id = handle.id
         await self.progress(BranchState.RUNNING, f"task {handle.id}")
-        async for event in handle.events():
-            if event.type in ("tool_use",):
-                await self.progress(BranchState.RUNNING, str(event.data.get("tool", "")))
-        task = await handle.result()
+
+        # One pass over the events shows progress and ends with the task: no second stream.
+        async with contextlib.aclosing(handle.events()) as events:
+            async for event in events:
+                if event.type == "tool_use":
+                    await self.progress(BranchState.RUNNING, str(event.data.get("tool", "")))
+        task = await handle.get()
+        if task.status not in TERMINAL_STATUSES:
+            task = await handle.result()
+        if task.status is not TaskStatus.COMPLETED:
+            raise TaskFailed(task.error or f"the task ended {task.status.value}",
+                             url=peer.url, task_id=handle.id, status=task.status.value)
         return self.outcome(started, succeeded=True, result=task.result, task=task)
 
     async def _diagnose(self, exc: PeerError) -> tuple[FailureKind, str]:
         """Why a node stopped answering: ask the spawner that knows it, if there is one."""
-        if self.spawner is None or self.node is None:
-            return FailureKind.UNREACHABLE, exc.reason
-        try:
-            info = await self.spawner.status(self.node.id)
-        except Exception:
-            return FailureKind.UNREACHABLE, exc.reason
+        kind = FailureKind.NODE_GONE if isinstance(exc, PeerGone) else FailureKind.UNREACHABLE
+        if self.spawner is None or self.node is None or not self._spawner_knows(self.node):
+            return kind, exc.reason
+
+        # The spawner may learn of the node's end a moment after its connections break.
+        deadline = time.monotonic() + DIAGNOSE_WAIT_S
+        while True:
+            try:
+                info = await self.spawner.status(self.node.id)
+            except Exception:
+                return FailureKind.UNREACHABLE, exc.reason
+            settled = info.state in _ENDED and (info.exit_code is not None
+                                                 or info.state is not NodeState.EXITED)
+            if settled or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
         if info.state is NodeState.REMOVED:
             return FailureKind.NODE_REMOVED, f"node {self.node.name} is gone: it was removed"
-        if info.state in (NodeState.CRASHED, NodeState.OOM_KILLED, NodeState.EXITED):
+        if info.state in _ENDED:
             how = "was OOM-killed" if info.state is NodeState.OOM_KILLED \
                 else f"exited with code {info.exit_code}"
             return FailureKind.NODE_CRASHED, f"node {self.node.name} is gone: it {how}"
-        return FailureKind.UNREACHABLE, exc.reason
+        return kind, exc.reason
+
+    def _spawner_knows(self, node: NodeInfo) -> bool:
+        """Whether the spawner's word on this node means anything: one of its mesh's nodes."""
+        if self.spawned is not None:
+            return True
+        return (node.backend == getattr(self.spawner, "backend", None)
+                and node.mesh == getattr(self.spawner, "mesh", None))
 
     async def _clean_up(self, *, cancel_task: bool) -> None:
-        """Cancel a task left running and stop a node spawned for this branch."""
-        if cancel_task and self.task_id is not None and self.node is not None \
-                and self.node.token is not None:
+        """Cancel a task left running, close our client, stop a node spawned for this branch."""
+        peer, self.peer = self.peer, None
+        if cancel_task and self.task_id is not None and peer is not None and not peer.closed:
             try:
                 # A task that already ended answers 409, which is as good as cancelled.
-                async with Peer(self.node.url, self.node.token) as peer:
-                    await asyncio.wait_for(TaskHandle(peer, self.task_id).cancel(), 2)
-            except (PeerError, asyncio.TimeoutError):
+                await asyncio.wait_for(TaskHandle(peer, self.task_id).cancel(), CANCEL_WAIT_S)
+            except (PeerError, TimeoutError):
                 pass
+        if peer is not None and peer is not self.assignment.node:
+            await peer.close()
         if self.spawned is not None and self.spawner is not None:
             try:
                 await self.spawner.stop(self.spawned.id)

@@ -12,12 +12,15 @@ from typing import AsyncIterator
 import pytest
 from spawn_support import (  # noqa: F401  (fixtures)
     answers,
+    get_json,
+    local_leftovers,
     mesh_name,
     peermesh_home,
     start_parent,
     wait_for,
 )
 
+from mesh import Mesh, Peer
 from mesh.errors import SpawnError
 from mesh.models import NodeSpec
 from mesh.spawn import LocalSpawner, reap, registry
@@ -127,3 +130,41 @@ async def test_fan_out_of_thirty_two_nodes_all_come_up(local: LocalSpawner) -> N
 
     assert len({n.url for n in nodes}) == 32
     assert all(await asyncio.gather(*(answers(n.url) for n in nodes)))
+
+
+async def test_closing_the_mesh_also_stops_the_nodes_its_nodes_spawned(
+    mesh_name: str, tmp_path: Path, peermesh_home: Path
+) -> None:
+    async with Mesh(mesh_name, backend="local", root_dir=tmp_path / "nodes") as mesh:
+        parent = await mesh.spawn(name="parent")
+        status, child = await get_json(f"{parent.url}/api/v1/peers", parent.token,
+                                       method="POST", body={"name": "child"})
+        assert status == 201 and await answers(child["url"])
+        seen = registry.read_records(mesh_name)
+        assert sorted(r.name for r in seen if r.kind == "node") == ["child", "parent"]
+
+    assert not await answers(child["url"])
+    assert local_leftovers(mesh_name, seen) == []
+
+
+async def test_node_works_in_a_mounted_folder_in_place(
+    local: LocalSpawner, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README").write_text("shared\n")
+
+    node = await local.spawn(NodeSpec(name="mounted", workspace_mount=str(project)))
+
+    assert node.token is not None
+    async with Peer(node.url, node.token) as peer:
+        assert await peer.read_text("README") == "shared\n"
+        await peer.exec("echo written > out.txt")
+    assert (project / "out.txt").read_text() == "written\n"
+
+
+async def test_missing_mounted_folder_is_refused_by_name(
+    local: LocalSpawner, tmp_path: Path
+) -> None:
+    with pytest.raises(SpawnError, match="workspace_mount .*absent is not a folder"):
+        await local.spawn(NodeSpec(name="mounted", workspace_mount=str(tmp_path / "absent")))

@@ -201,6 +201,7 @@ class _ChildSpawner:
         self.peers = peers
         self.inner = peers.spawner()
         self.backend = self.inner.backend
+        self.mesh = self.inner.mesh
 
     async def spawn(self, spec: NodeSpec, *, parent: str | None = None) -> NodeInfo:
         return await self.peers.spawn_child(spec)

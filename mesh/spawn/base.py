@@ -42,6 +42,7 @@ class Spawner(abc.ABC):
     """Creates sibling nodes of one mesh and keeps their tokens and leases."""
 
     backend: str
+    mesh: str
 
     @abc.abstractmethod
     async def spawn(self, spec: NodeSpec, *, parent: str | None = None) -> NodeInfo:

@@ -33,6 +33,7 @@ from typing import Any
 
 STOP_GRACE_S = 5.0
 MAX_MESSAGE = 1024 * 1024
+HELD_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 
 
 def main(argv: list[str]) -> int:
@@ -89,13 +90,18 @@ class _Server:
     def handle(self, request: dict[str, Any]) -> None:
         if request.get("op") != "spawn":
             return
+        # A signal that reached the child before it dropped our handlers would be written to
+        # our wake-up socket and read as ours: the child holds them until it has its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             self.send({"op": "spawn_failed", "id": request["id"], "error": str(exc)})
             return
         if pid == 0:
             self._become_child(request)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         self.children[pid] = request["id"]
         self.send({"op": "spawned", "id": request["id"], "pid": pid})
 
@@ -128,10 +134,11 @@ class _Server:
         """Turn this fork into the node the request describes; never returns."""
         code = 1
         try:
-            os.setsid()
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            for sig in HELD_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+            os.setsid()
             self.wake_r.close()
             self.wake_w.close()
             _redirect_stdio(request["log"])

@@ -122,7 +122,12 @@ class _ForkServer:
         request = {"op": "spawn", "id": node_id, "env": env, "cwd": str(cwd),
                    "log": str(log_file)}
         await loop.sock_sendall(self._sock, json.dumps(request).encode())
-        await child.spawned
+        try:
+            await asyncio.shield(child.spawned)
+        except asyncio.CancelledError:
+            # The fork happens all the same: stop the orphan once it is up and can be told.
+            child.ready.add_done_callback(lambda _: _stop_forked(child))
+            raise
         return child
 
     async def close(self) -> None:
@@ -229,6 +234,7 @@ class LocalSpawner(Spawner):
         try:
             node_id, folder = await asyncio.to_thread(self._make_folder, name,
                                                       spec.workspace_from)
+            workspace = _workspace(folder, spec.workspace_mount)
         except (SpawnError, OSError) as exc:
             log.warning("peer.spawn_failed", node=name, backend=self.backend, error=str(exc))
             raise SpawnError(f"cannot prepare a folder for {name}: {exc}") from exc
@@ -239,10 +245,12 @@ class LocalSpawner(Spawner):
         env.update(node_env(
             spec, name=name, mesh=self.mesh, token=token, lease_s=lease_s,
             parent_url=self.parent_url, MESH_HOST="127.0.0.1", MESH_PORT="0",
-            MESH_WORKSPACE=str(folder / "workspace"), MESH_STATE_DIR=str(folder / "state"),
+            # A process node spawns processes too, even on a host that is itself a container.
+            MESH_SPAWN_BACKEND="local",
+            MESH_WORKSPACE=str(workspace), MESH_STATE_DIR=str(folder / "state"),
         ))
         log_file = folder / "node.log"
-        child = await server.spawn(node_id, env, folder / "workspace", log_file)
+        child = await server.spawn(node_id, env, workspace, log_file)
         pid = child.spawned.result()
 
         info = NodeInfo(
@@ -258,6 +266,10 @@ class LocalSpawner(Spawner):
         registry.register(record)
         try:
             await self._wait_ready(node, started + self.ready_timeout_s)
+        except asyncio.CancelledError:
+            # A caller that gave up (a cancelled fan-out) must not leave a node behind.
+            await asyncio.shield(self.stop(node_id))
+            raise
         except (SpawnError, TimeoutError) as exc:
             await self.stop(node_id)
             reason = str(exc) if isinstance(exc, SpawnError) else (
@@ -411,6 +423,25 @@ class LocalSpawner(Spawner):
                 if await asyncio.to_thread(registry.terminate, record, STOP_GRACE_S):
                     log.info("peer.stopped", node_id=node_id, backend=self.backend)
                 registry.unregister(self.mesh, node_id)
+
+
+def _workspace(folder: Path, mount: str | None) -> Path:
+    """The node's workspace: its own folder's, or a host folder it works in directly."""
+    if mount is None:
+        return folder / "workspace"
+    path = Path(mount).expanduser().resolve()
+    if not path.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        raise SpawnError(f"workspace_mount {mount} is not a folder")
+    return path
+
+
+def _stop_forked(child: _Child) -> None:
+    """Stop a node whose spawn was cancelled before its pid came back."""
+    spawned = child.spawned
+    if child.exited.done() or not spawned.done() or spawned.exception() is not None:
+        return
+    registry.signal_group(spawned.result(), signal.SIGTERM)
 
 
 async def _ended(node: _Node, timeout: float) -> bool:

@@ -125,10 +125,12 @@ def terminate(record: ProcessRecord, grace_s: float = 5.0) -> bool:
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:
-    # A node leads its own session and process group; its group holds what it started.
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(pid, sig)
+    """Signal the process group a node leads, or the node alone if it leads none yet."""
+    # A node leads its own session and process group; its group holds what it started. One
+    # forked a moment ago may not have called setsid() yet.
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
