@@ -165,7 +165,8 @@ class ModelClient:
         tools: list[dict[str, Any]],
         on_text: TextCallback | None,
     ) -> ModelTurn:
-        litellm = _import_litellm()
+        # The first import takes seconds of CPU: in a thread, so the node keeps answering.
+        litellm = _litellm if _litellm is not None else await asyncio.to_thread(_import_litellm)
         settings = self.settings
         started = time.perf_counter()
         kwargs: dict[str, Any] = {
