@@ -120,3 +120,28 @@ async def test_lease_keeper_keeps_a_node_process_alive_past_its_lease(
 
     # Released, the node stops on its own.
     assert await asyncio.to_thread(node_process.proc.wait, 20) == 0
+
+
+async def test_node_held_up_past_its_lease_still_takes_the_parents_renewal(
+    leased: TestClient,
+) -> None:
+    node = node_of(leased)
+
+    # The node's own event loop is blocked (a long import, a busy machine) well past the
+    # deadline, so the parent's renewals could not have been answered in time.
+    time.sleep(2.5)
+    response = await leased.post("/api/v1/lease", json={"ttl_s": 30})
+
+    assert response.status == 200
+    assert (await response.json())["renewals"] == 1
+    assert not node.stop_requested.is_set()
+
+
+async def test_node_held_up_past_its_lease_stops_if_no_renewal_follows(
+    leased: TestClient,
+) -> None:
+    node = node_of(leased)
+
+    time.sleep(2.5)
+
+    await wait_until(node.stop_requested.is_set)

@@ -27,6 +27,8 @@ __all__ = ["Lease", "LeaseInfo", "LeaseRenew", "add_routes"]
 log = structlog.get_logger("agent_runtime.lease")
 
 MAX_TTL_S = 24 * 3600.0
+# A watchdog that wakes this much later than it asked was held up by its own event loop.
+STALL_S = 1.0
 
 
 class LeaseRenew(BaseModel):
@@ -97,10 +99,17 @@ class Lease:
         )
 
     async def _watch(self) -> None:
-        assert self._deadline is not None
+        assert self._deadline is not None and self.ttl_s is not None
         # A renewal moves the deadline while we sleep, so wake up and look again.
         while (remaining := self._deadline - time.monotonic()) > 0:
+            asked = time.monotonic()
             await asyncio.sleep(remaining)
+            stalled_s = time.monotonic() - asked - remaining
+            if stalled_s > STALL_S and self._deadline <= time.monotonic():
+                # Our own event loop was held up past the deadline, so the parent's renewals
+                # could not be answered: give it one more renewal period before giving up.
+                log.warning("lease.stalled", stalled_s=round(stalled_s, 3), ttl_s=self.ttl_s)
+                self._deadline = time.monotonic() + max(self.ttl_s / 3, STALL_S)
         log.warning("lease.expired", ttl_s=self.ttl_s, renewals=self.renewals,
                     parent_url=self.parent_url)
         self._on_expiry()
