@@ -212,8 +212,10 @@ class _Branch:
             return self.outcome(started, succeeded=False, failure=FailureKind.SPAWN_FAILED,
                                 reason=str(exc))
         except TaskFailed as exc:
+            # "failed" is what the failure kind says already; cancelled or interrupted is news.
+            reason = exc.reason if exc.status == "failed" else f"{exc.status}: {exc.reason}"
             return self.outcome(started, succeeded=False, failure=FailureKind.TASK_FAILED,
-                                reason=f"{exc.status}: {exc.reason}")
+                                reason=reason)
         except (PeerGone, PeerUnreachable) as exc:
             kind, reason = await self._diagnose(exc)
             return self.outcome(started, succeeded=False, failure=kind, reason=reason)
