@@ -81,7 +81,7 @@ async def main(backend: str, use_steps: bool) -> int:
     async with model_for_lead(use_steps) as spec, Mesh(backend=backend) as mesh:
         lead = await mesh.spawn(spec)
         how = "a plan of steps" if use_steps else f"orchestrator mode, model {spec.model}"
-        print(f"lead at {lead.url}, in {how}")
+        print(f"lead at {lead.url} in mesh {mesh.name}, in {how}")
         result = await follow(mesh.peer(lead), use_steps)
 
     # A plan returns each step's result; the agent returns its answer.

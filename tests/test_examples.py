@@ -82,7 +82,8 @@ def test_read_peer_files_example_lists_reads_and_downloads(home: Path, tmp_path:
 def test_agent_spawns_an_agent_through_its_tools_in_orchestrator_mode(home: Path) -> None:
     out = run_example(home, "agent_spawns_agent.py").stdout
 
-    assert "in orchestrator mode, model openai/scripted" in out
+    assert re.search(r"^lead at \S+ in mesh \S+, in orchestrator mode, model openai/scripted$",
+                     out, re.MULTILINE)
     calls = re.findall(r"lead calls (\w+)", out)
     assert calls == ["spawn_peer", "assign_task", "read_peer_file"]
     assert "failed:" not in out
@@ -106,4 +107,19 @@ def test_spawn_and_assign_runs_on_the_docker_backend(home: Path) -> None:
 
     found = re.search(r"^spawned worker in mesh (\S+) \(docker\)", out, re.MULTILINE)
     assert found is not None and "task completed\n" in out
+    assert docker_leftovers(found.group(1)) == []
+
+
+@pytest.mark.docker
+def test_agent_in_a_container_spawns_a_sibling_container_with_its_tools(home: Path) -> None:
+    require_docker()
+
+    out = run_example(home, "agent_spawns_agent.py", "--backend", "docker").stdout
+
+    found = re.search(r"^lead at \S+ in mesh (\S+), in a plan of steps$", out, re.MULTILINE)
+    assert found is not None
+    assert re.findall(r"lead calls (\w+)", out) == ["spawn_peer", "assign_task",
+                                                    "read_peer_file"]
+    assert "failed:" not in out
+    assert out.split("answer:\n")[1].splitlines()[-1] == "  neither works alone."
     assert docker_leftovers(found.group(1)) == []
