@@ -297,6 +297,13 @@ async def test_node_spawns_a_sibling_assigns_it_work_by_url_and_reads_its_file(
 
     assert assigned["status"] == "completed"
     assert text == "all green\n"
+
+    [waited] = await run_steps(parent, [
+        {"tool": "assign_task", "check": False, "args": {
+            "node": "helper", "timeout_s": 0.5,
+            "steps": [{"tool": "terminal_exec", "args": {"command": "sleep 30"}}]}},
+    ])
+    assert "did not end within 0.5 s and is still running" in waited["error"]
     status, children = await get_json(f"{parent.url}/api/v1/peers", parent.token)
     assert status == 200
     assert [(c["name"], c["url"], c["parent"]) for c in children] == [

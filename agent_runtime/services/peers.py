@@ -360,7 +360,14 @@ def register_tools(node: Node) -> None:
             handle = await peer.submit(**body)
             if not args.wait:
                 return {"task_id": handle.id, "node": args.node}
-            task = await handle.result(timeout=args.timeout_s)
+            try:
+                task = await handle.result(timeout=args.timeout_s)
+            except TimeoutError as exc:
+                # The task goes on; its id lets the model look again or cancel it.
+                raise ToolError(
+                    f"task {handle.id} on {args.node} did not end within {args.timeout_s:g} s "
+                    "and is still running"
+                ) from exc
             return {"task_id": handle.id, "status": task.status.value, "result": task.result}
 
     async def read_peer_file(ctx: ToolContext, args: ReadPeerFileArgs) -> str:
