@@ -1,28 +1,42 @@
 """The `mesh` command: run topologies, and drive any node from a shell.
 
-A NODE argument is a node name of a mesh this command started (`--mesh` picks which, default
-the only one up) or a node's URL, whose token comes from --token or MESH_TOKEN.
+A NODE argument is a node name of a mesh this command started (`--mesh` picks which when two
+meshes have a node of that name) or a node's URL, whose token comes from --token or MESH_TOKEN.
 
-Exit codes: 0 success; 1 a task, command or check failed; 2 bad usage or input; 3 a node could
-not be reached; 130 interrupted.
+Exit codes: 0 success; 1 a task, command or check failed; 2 bad usage or input (a topology
+problem, an unknown node, path or snapshot, a refused token); 3 a node could not be reached;
+130 interrupted (143 terminated), after stopping what the command started. `exec` exits with
+the remote command's own code, as ssh does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from .errors import ConfigError, MeshError, PeerError, PeerUnreachable, TaskFailed
+from .errors import (
+    ConfigError,
+    MeshError,
+    PeerAuthError,
+    PeerError,
+    PeerGone,
+    PeerRequestError,
+    PeerUnreachable,
+)
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class CliError(MeshError):
@@ -78,6 +92,10 @@ def resolve_node(args: argparse.Namespace, ref: str) -> tuple[str, str]:
         contexts = [load_context(args.mesh)]
     else:
         contexts = [ctx for ctx in list_contexts() if ref in ctx.nodes]
+    if len(contexts) > 1:
+        meshes = ", ".join(ctx.mesh for ctx in contexts)
+        raise CliError(f"node {ref!r} is in several meshes ({meshes}): pick one with --mesh",
+                       EXIT_USAGE)
     for ctx in contexts:
         info = ctx.nodes.get(ref)
         if info is not None and info.token:
@@ -94,6 +112,8 @@ def open_peer(args: argparse.Namespace, ref: str) -> Any:
     from .client import Peer
 
     url, token = resolve_node(args, ref)
+    # Errors then name the node as the user wrote it, not only its URL.
+    args.node_names[url] = ref
     return Peer(url, token)
 
 
@@ -107,59 +127,103 @@ async def cmd_task(args: argparse.Namespace, out: Output) -> int:
             steps = json.loads(Path(args.steps).read_text())
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot read steps from {args.steps}: {exc}", EXIT_USAGE) from exc
+    if not args.text.strip() and not steps:
+        raise CliError("say what to do: give TEXT, or --steps FILE", EXIT_USAGE)
     async with open_peer(args, args.node) as peer:
-        handle = await peer.submit(description=args.text or "", mode=args.mode, steps=steps)
+        handle = await peer.submit(description=args.text, mode=args.mode, steps=steps)
         out.line(f"task {handle.id} on {args.node}")
         if args.detach:
             out.data({"id": handle.id}, handle.id)
             return EXIT_OK
+        # Progress on stderr, the answer on stdout: `mesh task ... > answer.md` works.
+        shown = EventPrinter(out, sys.stderr, answer_to=sys.stdout)
         async for event in handle.events():
-            render_event(out, event)
+            shown.print(event)
         task = await handle.get()
-    out.data(task, _task_summary(task))
-    return EXIT_OK if task.status.value == "completed" else EXIT_FAILED
-
-
-def _task_summary(task: Any) -> str:
-    if task.status.value == "completed":
-        result = task.result
-        text = result if isinstance(result, str) else json.dumps(result, indent=1)
-        return f"completed\n{text}" if text else "completed"
-    return f"{task.status.value}: {task.error}"
-
-
-def render_event(out: Output, event: Any) -> None:
-    """One readable line per event (or the event as JSON)."""
+    completed = task.status.value == "completed"
     if out.as_json:
-        out.data(event)
-        return
-    data = event.data
-    kind = event.type
+        out.data(task)
+    elif completed and not shown.streamed_answer:
+        out.data(None, _result_text(task.result))
+    if not completed:
+        sys.stderr.write(f"mesh: task {task.id} {task.status.value}: {task.error}\n")
+    return EXIT_OK if completed else EXIT_FAILED
+
+
+def _result_text(result: Any) -> str:
+    if result is None:
+        return ""
+    return result if isinstance(result, str) else json.dumps(result, indent=1)
+
+
+class EventPrinter:
+    """Events as a person reads them: the agent's words as they come, one line per step."""
+
+    def __init__(self, out: Output, stream: Any, answer_to: Any | None = None) -> None:
+        self.out = out
+        self.stream = stream
+        self.answer_to = answer_to or stream
+        self.streamed_answer = False
+        self._mid_line = False
+
+    def print(self, event: Any) -> None:
+        if self.out.as_json:
+            self.out.data(event)
+            return
+        data, kind = event.data, event.type
+        if kind == "message" and data.get("role") == "assistant":
+            text = str(data.get("text", ""))
+            self.answer_to.write(text)
+            self.answer_to.flush()
+            self.streamed_answer = True
+            self._mid_line = not text.endswith("\n")
+            return
+        if self._mid_line:
+            self.answer_to.write("\n")
+            self._mid_line = False
+        self.stream.write(_event_line(event) + "\n")
+        self.stream.flush()
+
+
+def _event_line(event: Any) -> str:
+    data, kind = event.data, event.type
     if kind == "message":
-        text = data.get("text", "")
-        sys.stdout.write(text if data.get("role") == "assistant" else f"\n[user] {text}\n")
-        sys.stdout.flush()
-        return
+        return f"[{event.seq}] {data.get('role', 'user')}: {data.get('text', '')}"
     if kind == "tool_use":
-        detail = json.dumps(data.get("args"))[:160]
-        out.line(f"  -> {data.get('tool')} {detail}")
-    elif kind == "tool_result":
+        return f"[{event.seq}] -> {data.get('tool')} {json.dumps(data.get('args'))[:160]}"
+    if kind == "tool_result":
         status = "ok" if data.get("ok") else "error"
-        first = str(data.get("output", "")).strip().splitlines()[:1]
-        out.line(f"  <- {data.get('tool')} {status} {first[0][:160] if first else ''}")
-    else:
-        extra = data.get("error") or data.get("to") or ""
-        out.line(f"[{event.seq}] {kind} {extra}".rstrip())
+        return f"[{event.seq}] <- {data.get('tool')} {status} {_output_line(data.get('output'))}"
+    extra = data.get("error") or data.get("to") or ""
+    return f"[{event.seq}] {kind} {extra}".rstrip()
+
+
+def _output_line(output: Any) -> str:
+    """One line of a tool's output: a command's exit code and the last line it printed."""
+    text = str(output or "")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "exit_code" in parsed:
+        printed = str(parsed.get("stdout") or parsed.get("stderr") or "").strip()
+        last = printed.splitlines()[-1] if printed else ""
+        return f"exit {parsed['exit_code']}" + (f": {last[:160]}" if last else "")
+    lines = text.strip().splitlines()
+    return lines[0][:160] if lines else ""
 
 
 async def cmd_tail(args: argparse.Namespace, out: Output) -> int:
+    printer = EventPrinter(out, sys.stdout)
     async with open_peer(args, args.node) as peer:
         if args.task:
-            async for event in peer.task_handle(args.task).events(after=args.after):
-                render_event(out, event)
+            # A task's events from its start (or --after), ending with its final event.
+            async for event in peer.task_handle(args.task).events(after=args.after or 0):
+                printer.print(event)
             return EXIT_OK
+        # A node's events from now on (or after --after), until interrupted.
         async for event in peer.events(after=args.after):
-            render_event(out, event)
+            printer.print(event)
     return EXIT_OK
 
 
@@ -167,14 +231,15 @@ async def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     # One argument is a shell command line; several are words, quoted as the shell would.
     command = words[0] if len(words) == 1 else shlex.join(words)
-    if not command:
-        raise CliError("no command given", EXIT_USAGE)
+    if not command.strip():
+        raise CliError("no command given: mesh exec NODE -- COMMAND...", EXIT_USAGE)
     async with open_peer(args, args.node) as peer:
         result = await peer.exec(command, cwd=args.cwd, timeout_s=args.timeout)
     if out.as_json:
         out.data(result)
     else:
         sys.stdout.write(result.stdout)
+        sys.stdout.flush()
         sys.stderr.write(result.stderr)
         if result.timed_out:
             sys.stderr.write(f"mesh: timed out after {args.timeout:g}s\n")
@@ -203,11 +268,15 @@ async def cmd_cp(args: argparse.Namespace, out: Output) -> int:
         raise CliError("cp copies between a node and this machine: one side must be "
                        "NODE:PATH and the other a local path", EXIT_USAGE)
     if src_node is not None:
+        if not src:
+            raise CliError(f"say which file to copy from {src_node}: NODE:PATH", EXIT_USAGE)
+        target = Path(dst)
+        if target.is_dir():
+            target = target / Path(src).name
+        if not target.parent.is_dir():
+            raise CliError(f"no such local folder: {target.parent}", EXIT_USAGE)
         async with open_peer(args, src_node) as peer:
-            target = Path(dst)
-            if target.is_dir():
-                target = target / Path(src).name
-            await peer.download(src, target)
+            await _on_path(args.src, peer.download(src, target))
         out.data({"copied": str(target)}, f"{args.src} -> {target}")
         return EXIT_OK
     local = Path(src)
@@ -216,9 +285,17 @@ async def cmd_cp(args: argparse.Namespace, out: Output) -> int:
     assert dst_node is not None
     remote = dst if dst and not dst.endswith("/") else f"{dst}{local.name}"
     async with open_peer(args, dst_node) as peer:
-        info = await peer.upload(local, remote)
+        info = await _on_path(args.dst, peer.upload(local, remote))
     out.data(info, f"{local} -> {dst_node}:{info.path}")
     return EXIT_OK
+
+
+async def _on_path(where: str, call: Awaitable[Any]) -> Any:
+    """Run a file call; a refusal names the NODE:PATH it was about."""
+    try:
+        return await call
+    except PeerRequestError as exc:
+        raise CliError(f"{where}: {exc.reason}", _request_code(exc)) from exc
 
 
 async def cmd_snapshot(args: argparse.Namespace, out: Output) -> int:
@@ -276,8 +353,8 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
 
     removed = await down(file=Path(args.file) if args.file else None,
                          mesh=args.mesh, everything=args.all, progress=out.line)
-    out.data({"removed": removed}, f"removed {len(removed)} mesh(es): {', '.join(removed)}"
-             if removed else "nothing to remove")
+    out.data({"removed": removed}, f"removed {', '.join(removed)}" if removed
+             else "no meshes are up")
     return EXIT_OK
 
 
@@ -297,13 +374,12 @@ async def cmd_validate(args: argparse.Namespace, out: Output) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agent_runtime.config import build_parser as build_node_parser
-
     # Shared options may come before or after the command; SUPPRESS keeps a subcommand's
     # default from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output")
+                        help="machine-readable output (JSON; one object per line when "
+                        "streaming events)")
     common.add_argument("--mesh", default=argparse.SUPPRESS,
                         help="which mesh a NODE name belongs to")
     common.add_argument("--token", default=argparse.SUPPRESS,
@@ -311,27 +387,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="mesh", description="Run peermesh topologies and drive agent nodes.",
-        epilog="NODE is a node name of a mesh that is up, or a node URL (with --token).",
+        epilog="NODE is a node name of a mesh that is up, or a node URL (with --token). "
+        "Exit codes: 0 ok, 1 failed, 2 bad usage or input, 3 unreachable, 130 interrupted.",
         parents=[common],
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, handler: Callable[..., Awaitable[int]] | None,
-                *, shared: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, handler: Callable[..., Awaitable[int]],
+                ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  parents=[common] if shared else [])
+                                  parents=[common])
         sub.set_defaults(handler=handler)
         return sub
 
-    node = command("node", "run one agent node in the foreground", None, shared=False)
-    build_node_parser(node)
+    # The node's own parser answers `mesh node ...` (see main); it is not built here because
+    # it imports the whole node, which every other command would pay for.
+    node = commands.add_parser("node", help="run one agent node in the foreground",
+                               add_help=False)
+    node.add_argument("node_args", nargs=argparse.REMAINDER)
 
     sub = command("up", "start a topology's nodes and print their URLs", cmd_up)
     sub.add_argument("file")
     sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a topology value, e.g. mesh.backend=docker")
 
-    sub = command("run", "run a topology's tasks, print a report, then tear it down", cmd_run)
+    sub = command("run", "run a topology's tasks, print a report, then tear it down; exit 0 "
+                  "only if every task succeeded", cmd_run)
     sub.add_argument("file")
     sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a topology value, e.g. mesh.backend=docker")
@@ -347,16 +428,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--steps", metavar="FILE", help="JSON file of explicit steps")
     sub.add_argument("--detach", action="store_true", help="print the task id and return")
 
-    sub = command("tail", "follow a node's events, or one task's", cmd_tail)
+    sub = command("tail", "follow a node's events from now on, or one task's from its start",
+                  cmd_tail)
     sub.add_argument("node")
     sub.add_argument("task", nargs="?")
-    sub.add_argument("--after", type=int, default=0, help="start after this event seq")
+    sub.add_argument("--after", type=int, default=None, help="start after this event seq")
 
-    sub = command("exec", "run a command on a node", cmd_exec)
+    sub = command("exec", "run a command on a node; exit with the command's exit code",
+                  cmd_exec)
     sub.add_argument("node")
-    sub.add_argument("command", nargs=argparse.REMAINDER)
-    sub.add_argument("--cwd")
-    sub.add_argument("--timeout", type=float, default=600.0)
+    sub.add_argument("command", nargs=argparse.REMAINDER,
+                     help="one shell command line, or words after --; options of `mesh "
+                     "exec` go before NODE")
+    sub.add_argument("--cwd", help="folder to run in, relative to the workspace")
+    sub.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
 
     sub = command("cp", "copy a file between a node (NODE:PATH) and this machine", cmd_cp)
     sub.add_argument("src")
@@ -364,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("snapshot", "snapshot a node's workspace", cmd_snapshot)
     sub.add_argument("node")
-    sub.add_argument("--alias")
+    sub.add_argument("--alias", help="a name to restore it by")
 
     sub = command("restore", "restore a node's workspace from a snapshot", cmd_restore)
     sub.add_argument("node")
@@ -372,11 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("logs", "show a node's own log", cmd_logs)
     sub.add_argument("node")
-    sub.add_argument("--tail", type=int, default=200)
+    sub.add_argument("--tail", type=int, default=200, help="lines (default 200)")
 
     sub = command("down", "stop and remove a mesh's nodes", cmd_down)
     sub.add_argument("file", nargs="?", help="the topology whose mesh to remove")
-    sub.add_argument("--all", action="store_true", help="every peermesh mesh on this machine")
+    sub.add_argument("--all", action="store_true", help="every mesh this machine started")
 
     sub = command("validate", "check a topology file and print every problem", cmd_validate)
     sub.add_argument("file")
@@ -384,45 +469,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_node(argv: Sequence[str]) -> int:
+    """`mesh node ...`: the node's own command line, as `python -m agent_runtime`."""
+    from agent_runtime.__main__ import run_node as serve_node
+    from agent_runtime.config import build_parser as build_node_parser
+
+    parser = argparse.ArgumentParser(prog="mesh node",
+                                     description="Run one agent node in the foreground.")
+    build_node_parser(parser)
+    return serve_node(parser.parse_args(argv))
+
+
+async def _run_handler(args: argparse.Namespace, out: Output) -> int:
+    # SIGTERM ends a command as Ctrl+C does: cancelled, so that what it started is stopped.
+    task = asyncio.current_task()
+    assert task is not None
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return int(await args.handler(args, out))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command_at = _command_index(words)
+    if command_at is not None and words[command_at] == "node":
+        return run_node(words[command_at + 1:])
+    args = build_parser().parse_args(words)
+    if args.command == "node":
+        return run_node(args.node_args)
     for option, default in (("json", False), ("mesh", None), ("token", None)):
         if not hasattr(args, option):
             setattr(args, option, default)
-    if args.command == "node":
-        from agent_runtime.__main__ import run_node
+    args.node_names = {}
 
-        return run_node(args)
-
-    from agent_runtime.logs import configure_logging
-
-    configure_logging("console", os.environ.get("MESH_LOG_LEVEL", "warning"))
-    out = Output(args.json)
+    configure_logging(os.environ.get("MESH_LOG_LEVEL", "warning"))
     try:
-        return asyncio.run(args.handler(args, out))
+        return asyncio.run(_run_handler(args, Output(args.json)))
     except KeyboardInterrupt:
-        sys.stderr.write("mesh: interrupted; what this command started has been stopped\n")
+        sys.stderr.write("mesh: interrupted\n")
         return EXIT_INTERRUPTED
-    except CliError as exc:
-        sys.stderr.write(f"mesh: {exc}\n")
-        return exc.code
-    except ConfigError as exc:
-        sys.stderr.write(f"mesh: {exc}\n")
-        return EXIT_USAGE
-    except TaskFailed as exc:
-        sys.stderr.write(f"mesh: {exc}\n")
-        return EXIT_FAILED
-    except (PeerUnreachable,) as exc:
-        sys.stderr.write(f"mesh: {exc}\n")
-        return EXIT_UNREACHABLE
-    except PeerError as exc:
-        sys.stderr.write(f"mesh: {exc}\n")
-        return EXIT_FAILED
-    except MeshError as exc:
-        sys.stderr.write(f"mesh: {exc}\n")
-        return EXIT_FAILED
+    except asyncio.CancelledError:
+        sys.stderr.write("mesh: terminated\n")
+        return EXIT_TERMINATED
+    except Exception as exc:
+        code, message = explain(exc, args.node_names)
+        for line in message.splitlines() or [""]:
+            sys.stderr.write(f"mesh: {line}\n")
+        if args.json:
+            # Scripts read stdout: they get the error there too, as JSON.
+            sys.stdout.write(json.dumps({"error": {"exit_code": code, "message": message}})
+                             + "\n")
+        if code == EXIT_FAILED and not isinstance(exc, (MeshError, OSError)):
+            # Our own bug: one line by default, the traceback when asked for.
+            if os.environ.get("MESH_DEBUG"):
+                traceback.print_exc()
+            else:
+                sys.stderr.write("mesh: (set MESH_DEBUG=1 for the traceback)\n")
+        return code
+
+
+def configure_logging(level: str) -> None:
+    """Readable log lines on stderr, from `level` up (MESH_LOG_LEVEL, default warning)."""
+    # Not agent_runtime.logs: importing it imports the whole node, a second of start-up that
+    # every command would pay for.
+    import logging
+
+    import structlog
+
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.WARNING)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _command_index(words: list[str]) -> int | None:
+    """Where the command word is, past the shared options that may come before it."""
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in ("--mesh", "--token"):
+            index += 2
+        elif word.startswith("-"):
+            index += 1
+        else:
+            return index
+    return None
+
+
+def explain(exc: Exception, node_names: dict[str, str]) -> tuple[int, str]:
+    """The exit code for an error and the message a user reads."""
+    if isinstance(exc, CliError):
+        return exc.code, str(exc)
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, PeerError):
+        node = node_names.get(exc.url, exc.url)
+        task = f" (task {exc.task_id})" if exc.task_id else ""
+        message = f"{node}{task}: {exc.reason}"
+        if isinstance(exc, (PeerUnreachable, PeerGone)):
+            return EXIT_UNREACHABLE, message
+        if isinstance(exc, PeerAuthError):
+            return EXIT_USAGE, f"{message} (check the token)"
+        if isinstance(exc, PeerRequestError):
+            return _request_code(exc), message
+        return EXIT_FAILED, message
+    if isinstance(exc, (MeshError, OSError)):
+        return EXIT_FAILED, str(exc)
+    return EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _request_code(exc: PeerRequestError) -> int:
+    # A request the node refused as wrong (unknown path, snapshot, bad value) is bad input;
+    # a node that failed serving it is a failure.
+    return EXIT_USAGE if 400 <= exc.status < 500 and exc.status != 409 else EXIT_FAILED
 
 
 if __name__ == "__main__":

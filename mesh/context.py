@@ -1,12 +1,11 @@
 """Where the `mesh` command remembers the meshes it started: names, URLs and tokens.
 
-One JSON file per mesh under ~/.peermesh/meshes (or $MESH_HOME/meshes), readable only by its
-owner because it holds tokens.
+One JSON file per mesh under ~/.peermesh/meshes (or $PEERMESH_HOME/meshes, the spawners'
+registry's home too), readable only by its owner because it holds tokens.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -15,12 +14,14 @@ from pydantic import BaseModel, Field
 
 from .errors import ConfigError
 from .models import NodeInfo
+from .spawn.registry import mesh_home
 
 __all__ = ["MeshContext", "home", "list_contexts", "load_context", "remove_context"]
 
 
 def home() -> Path:
-    return Path(os.environ.get("MESH_HOME", Path.home() / ".peermesh"))
+    """The folder of the meshes this machine started; the spawners' registry lives there too."""
+    return mesh_home()
 
 
 def _folder() -> Path:

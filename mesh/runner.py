@@ -28,7 +28,7 @@ import structlog
 
 from .context import MeshContext, home, list_contexts, load_context, remove_context
 from .errors import ConfigError, MeshError, SpawnError
-from .fanout import Assignment, BranchState, Outcome, fan_out
+from .fanout import Assignment, BranchState, FailureKind, Outcome, fan_out
 from .models import NodeInfo, NodeSpec
 from .spawn import DockerSpawner, LocalSpawner, Spawner, reap
 from .topology import (
@@ -181,6 +181,9 @@ class TaskReport:
     status: str  # succeeded, failed, skipped
     branches: list[Outcome] = dataclasses.field(default_factory=list)
     reason: str | None = None
+    # Which node ran each branch, and the fan-out item it was given, by branch name.
+    nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    items: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -200,7 +203,8 @@ class Report:
             "outputs": self.outputs,
             "tasks": [
                 {"name": t.name, "status": t.status, "reason": t.reason, "branches": [
-                    {"name": o.name, "status": o.status, "result": o.result,
+                    {"name": o.name, "status": o.status, "node": t.nodes.get(o.name),
+                     "item": t.items.get(o.name), "result": o.result,
                      "failure": o.failure.value if o.failure else None, "reason": o.reason,
                      "task_id": o.task_id, "node_url": o.node_url,
                      "duration_s": o.duration_s}
@@ -210,18 +214,21 @@ class Report:
         }
 
     def render(self) -> str:
-        lines = [f"mesh {self.mesh}: "
-                 f"{'all tasks succeeded' if self.succeeded else 'some tasks failed'} "
-                 f"in {self.duration_s:.1f}s"]
+        """The report for a person: one line per task, and under it one per branch."""
+        failed = sum(task.status != "succeeded" for task in self.tasks)
+        verdict = (f"all {len(self.tasks)} tasks succeeded" if not failed
+                   else f"{failed} of {len(self.tasks)} tasks did not succeed")
+        lines = [f"mesh {self.mesh}: {verdict} in {self.duration_s:.1f}s"]
         for task in self.tasks:
-            lines.append(f"{_mark(task.status)} {task.name}: {task.status}"
-                         + (f" ({task.reason})" if task.reason else ""))
+            lines.append(f"{_mark(task.status)} {task.name}: {task.reason or task.status}")
+            name_width = max((len(o.name) for o in task.branches), default=0)
+            node_width = max((len(task.nodes.get(o.name, "")) for o in task.branches),
+                             default=0)
             for outcome in task.branches:
-                detail = _summary(outcome.result) if outcome.succeeded else (
-                    f"{outcome.failure.value if outcome.failure else 'failed'}: "
-                    f"{outcome.reason}")
-                lines.append(f"    {_mark(outcome.status)} {outcome.name} "
-                             f"[{outcome.duration_s:.1f}s] {detail}")
+                lines.append(
+                    f"     {_mark(outcome.status)} {outcome.name:<{name_width}}  "
+                    f"{task.nodes.get(outcome.name, ''):<{node_width}}  "
+                    f"{outcome.duration_s:5.1f}s  {_detail(outcome)}")
         lines += [f"output: {path}" for path in self.outputs]
         return "\n".join(lines)
 
@@ -230,14 +237,29 @@ def _mark(status: str) -> str:
     return {"succeeded": "ok  ", "failed": "FAIL", "skipped": "skip"}.get(status, "    ")
 
 
+def _detail(outcome: Outcome) -> str:
+    """A branch's result in one line, or why it failed."""
+    if outcome.succeeded:
+        return _summary(outcome.result)
+    kind = outcome.failure.value if outcome.failure else "failed"
+    reason = outcome.reason or ""
+    # A failed task's reason starts with its status ("failed: step 0 ..."), which the kind
+    # already says; a cancelled or interrupted one keeps it.
+    if outcome.failure is FailureKind.TASK_FAILED and reason.startswith("failed: "):
+        reason = reason.removeprefix("failed: ")
+    text = " ".join(f"{kind}: {reason}".split())
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def _summary(result: Any) -> str:
     """One line of a branch's result: the last step's output tail, or the answer's start."""
     if isinstance(result, list) and result:
         last = result[-1]
         if isinstance(last, dict) and "exit_code" in last:
             text = (last.get("stdout") or last.get("stderr") or "").strip()
-            tail = text.splitlines()[-1] if text else ""
-            return f"exit {last['exit_code']}: {tail[:120]}"
+            tail = text.splitlines()[-1].strip() if text else ""
+            return f"exit {last['exit_code']}: {tail[:120]}" if tail else \
+                f"exit {last['exit_code']}"
     text = result if isinstance(result, str) else json.dumps(result)
     return " ".join(str(text).split())[:120]
 
@@ -272,27 +294,42 @@ async def run_tasks(topology: Topology, nodes: dict[str, NodeInfo],
         outcomes = await fan_out([_assignment(b, nodes) for b in branches],
                                  limit=max(1, len(branches)), timeout=task.timeout_s,
                                  on_progress=on_progress)
-        failed = [o for o in outcomes if not o.succeeded]
-        reason = f"{len(failed)} of {len(outcomes)} branches failed" if failed else None
-        return TaskReport(task_name, "failed" if failed else "succeeded", outcomes, reason)
+        failed = sum(not o.succeeded for o in outcomes)
+        if len(outcomes) == 1:
+            reason = "failed" if failed else "succeeded"
+        elif failed:
+            reason = f"{failed} of {len(outcomes)} branches failed"
+        else:
+            reason = f"{len(outcomes)} of {len(outcomes)} branches succeeded"
+        return TaskReport(task_name, "failed" if failed else "succeeded", outcomes, reason,
+                          nodes={b.name: b.node for b in branches},
+                          items={b.name: b.item for b in branches})
 
-    while True:
-        finished = {name for name, r in reports.items() if r.status == "succeeded"}
-        blocked = set(reports)
-        for task in ready_tasks(topology, finished, running):
-            if task.name not in blocked:
-                running[task.name] = asyncio.create_task(run_one(task.name))
-        if not running:
-            break
-        done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
-        for job in done:
-            report = job.result()
-            reports[report.name] = report
-            running.pop(report.name)
-            if report.status == "failed":
-                for skipped in downstream(topology, report.name):
-                    reports.setdefault(skipped, TaskReport(
-                        skipped, "skipped", reason=f"needs {report.name}, which failed"))
+    try:
+        while True:
+            finished = {name for name, r in reports.items() if r.status == "succeeded"}
+            blocked = set(reports)
+            for task in ready_tasks(topology, finished, running):
+                if task.name not in blocked:
+                    running[task.name] = asyncio.create_task(run_one(task.name))
+            if not running:
+                break
+            done, _ = await asyncio.wait(running.values(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for job in done:
+                report = job.result()
+                reports[report.name] = report
+                running.pop(report.name)
+                if report.status == "failed":
+                    for skipped in downstream(topology, report.name):
+                        reports.setdefault(skipped, TaskReport(
+                            skipped, "skipped", reason=f"needs {report.name}, which failed"))
+    finally:
+        # Interrupted: the fan-outs still running cancel their tasks on the nodes before the
+        # nodes themselves are stopped.
+        for job in running.values():
+            job.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)
     return [reports.get(t.name) or TaskReport(t.name, "skipped", reason="never ready")
             for t in topology.tasks]
 
@@ -351,9 +388,36 @@ async def run(file: Path, *, overrides: Sequence[str] = (), keep: bool = False,
             outputs = await fetch_outputs(topology, nodes, progress)
         finally:
             # Shielded: a Ctrl+C that cancelled the run must not cancel the clean-up too.
+            # The reap by name catches what the spawner no longer knows of (nodes that its
+            # nodes spawned, say).
             progress(f"stopping mesh {topology.mesh.name}")
-            await asyncio.shield(spawner.close())
+            await asyncio.shield(_close_and_reap(spawner, topology.mesh.name))
     return Report(topology.mesh.name, reports, outputs, round(time.monotonic() - started, 1))
+
+
+async def _close_and_reap(spawner: Spawner, mesh: str) -> None:
+    try:
+        await spawner.close()
+    finally:
+        await reap(mesh)
+
+
+def _mesh_folder(mesh: str) -> Path:
+    """Where `mesh up` keeps a mesh's nodes (their workspaces, state and logs)."""
+    return home() / "meshes" / mesh
+
+
+def _log_path(mesh: str) -> Path:
+    return home() / "meshes" / f"{mesh}.log"
+
+
+def _remove_files(mesh: str) -> None:
+    """A mesh's node folders and supervisor log, once nothing of it runs any more."""
+    folder = _mesh_folder(mesh)
+    shutil.rmtree(folder / "nodes", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    _log_path(mesh).unlink(missing_ok=True)
 
 
 def _existing(mesh: str) -> MeshContext | None:
@@ -382,13 +446,13 @@ async def up(file: Path, *, overrides: Sequence[str] = (), progress: Progress) -
     if existing is not None:
         return existing
 
-    log_path = home() / "meshes" / f"{topology.mesh.name}.log"
+    log_path = _log_path(topology.mesh.name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mesh.runner", "supervise", str(Path(file).resolve())]
     for item in overrides:
         command += ["--set", item]
     progress(f"starting mesh {topology.mesh.name} (log: {log_path})")
-    with log_path.open("ab") as log_file:
+    with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.PIPE, stderr=log_file,
             stdin=asyncio.subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd(),
@@ -417,7 +481,7 @@ async def supervise(file: Path, overrides: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    root = home() / "meshes" / topology.mesh.name / "nodes"
+    root = _mesh_folder(topology.mesh.name) / "nodes"
     spawner = make_spawner(topology, root)
     scratch = Path(tempfile.mkdtemp(prefix="peermesh-up-"))
     try:
@@ -439,6 +503,7 @@ async def supervise(file: Path, overrides: Sequence[str]) -> int:
         await spawner.close()
         remove_context(topology.mesh.name)
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
@@ -453,11 +518,11 @@ async def down(*, file: Path | None = None, mesh: str | None = None, everything:
         names = [mesh]
     else:
         contexts = list_contexts()
-        if len(contexts) != 1:
-            known = ", ".join(ctx.mesh for ctx in contexts) or "none"
+        if len(contexts) > 1:
+            known = ", ".join(ctx.mesh for ctx in contexts)
             raise ConfigError(f"say which mesh to take down: a FILE, --mesh or --all "
                               f"(up: {known})")
-        names = [contexts[0].mesh]
+        names = [ctx.mesh for ctx in contexts]
 
     for name in names:
         with contextlib.suppress(ConfigError):
@@ -472,6 +537,7 @@ async def down(*, file: Path | None = None, mesh: str | None = None, everything:
         remove_context(name)
         # Whatever the supervisor did not stop (it may have been killed) goes by label.
         await reap(name)
+        _remove_files(name)
     return names
 
 
@@ -499,7 +565,7 @@ async def node_logs(node: str, *, mesh: str | None, tail: int) -> str:
         if info is None:
             continue
         spawner: Spawner = DockerSpawner(ctx.mesh) if ctx.backend == "docker" \
-            else LocalSpawner(ctx.mesh, root_dir=home() / "meshes" / ctx.mesh / "nodes")
+            else LocalSpawner(ctx.mesh, root_dir=_mesh_folder(ctx.mesh) / "nodes")
         return await spawner.logs(info.id, tail=tail)
     raise ConfigError(f"no node {node!r} in a mesh that is up")
 

@@ -28,8 +28,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -215,10 +217,27 @@ class NodeDecl(_Strict):
     mcp_servers: list[McpServerDecl] = Field(default_factory=list)
 
 
-class FanOut(_Strict):
-    """Run a task as parallel branches: one per item of `over`, or one per replica."""
+def _over_kind(value: Any) -> str:
+    return "<mapping>" if isinstance(value, dict) else "<list>"
 
-    over: list[Scalar] | None = Field(
+
+# Tagged, so that a wrong item yields one error about the form written, not one per form.
+# The tags are dropped from error locations (see _schema_problems).
+_Over = Annotated[
+    Union[Annotated[list[Scalar], Tag("<list>")],
+          Annotated[dict[TaskName, Scalar], Tag("<mapping>")]],
+    Discriminator(_over_kind),
+]
+
+
+class FanOut(_Strict):
+    """Run a task as parallel branches: one per item of `over`, or one per replica.
+
+    `over` is a list (branches TASK[0], TASK[1], ...) or a mapping from branch name to item
+    (branches TASK[NAME]), which makes a report say which branch was which.
+    """
+
+    over: _Over | None = Field(
         default=None, min_length=1,
         description="Items substituted for {item} in the description and step arguments.")
     replicas: bool = False
@@ -229,6 +248,12 @@ class FanOut(_Strict):
             raise PydanticCustomError(
                 "fan_out", "fan_out needs exactly one of `over: [...]` or `replicas: true`")
         return self
+
+    def items(self) -> list[tuple[str, str]]:
+        """(branch key, item) pairs of `over`, in the order written."""
+        if isinstance(self.over, dict):
+            return list(self.over.items())
+        return [(str(index), item) for index, item in enumerate(self.over or [])]
 
 
 class TaskDecl(_Strict):
@@ -582,6 +607,9 @@ def _schema_message(error: Any) -> str:
         if guess:
             return f"unknown key {key!r} (did you mean {guess!r}?)"
         return f"unknown key {key!r} (allowed: {', '.join(fields)})"
+    if kind == "list_type" and "<list>" in loc:
+        return (f"expected a list of items or a mapping of branch names to items, got "
+                f"{_describe(error['input'])}")
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
@@ -601,7 +629,9 @@ def _schema_message(error: Any) -> str:
 def _schema_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
     found = []
     for error in exc.errors(include_url=False):
-        loc = tuple(part for part in error["loc"] if isinstance(part, (str, int)))
+        # Union tags (`<list>`) and pydantic's `[key]` marker are not keys of the file.
+        loc = tuple(part for part in error["loc"] if isinstance(part, int)
+                    or (isinstance(part, str) and not part.startswith(("<", "[key]"))))
         found.append((loc, _schema_message(error)))
     return found
 
@@ -981,7 +1011,8 @@ def expand_task(topology: Topology, task: TaskDecl) -> list[Branch]:
     """The branches of a task, each placed on a concrete node.
 
     Without fan-out the task runs once, on the first replica that can take it. `over` makes
-    one branch per item, spread round-robin over those replicas; `replicas` makes one branch
+    one branch per item (named by its index, or by its key when `over` is a mapping), spread
+    round-robin over those replicas; `replicas` makes one branch
     per replica, with the replica's name as its {item}.
     """
     candidates = [instance for instance in expand_nodes(topology)
@@ -994,5 +1025,5 @@ def expand_task(topology: Topology, task: TaskDecl) -> list[Branch]:
     if task.fan_out.replicas:
         return [_branch(task, f"{task.name}[{node.name}]", node, node.name)
                 for node in candidates]
-    return [_branch(task, f"{task.name}[{i}]", candidates[i % len(candidates)], item)
-            for i, item in enumerate(task.fan_out.over or [])]
+    return [_branch(task, f"{task.name}[{key}]", candidates[i % len(candidates)], item)
+            for i, (key, item) in enumerate(task.fan_out.items())]
