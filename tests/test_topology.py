@@ -361,6 +361,36 @@ def test_fan_out_over_a_list_substitutes_each_item_in_steps() -> None:
     assert topology.task("test").steps[0].args["command"] == "make {item}"  # type: ignore[index]
 
 
+def test_fan_out_over_a_mapping_names_each_branch_by_its_key(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        mesh: {name: checks}
+        nodes: [{name: runner, count: 2}]
+        tasks:
+          - name: check
+            node: runner
+            fan_out:
+              over: {tests: pytest -q, lint: ruff check .}
+            steps: [{tool: terminal_exec, args: {command: "{item}"}}]
+        """)
+    topology = load_topology(path, ["tasks.check.fan_out.over.lint=ruff check src"])
+
+    branches = expand_task(topology, topology.task("check"))
+
+    assert [(b.name, b.node, b.item) for b in branches] == [
+        ("check[tests]", "runner-1", "pytest -q"), ("check[lint]", "runner-2", "ruff check src")]
+
+
+def test_a_fan_out_that_is_neither_list_nor_mapping_says_what_it_expects(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, BASE + "    fan_out: {over: pytest}\n")
+
+    problem = only(validate_file(path), "tasks[0].fan_out.over")
+
+    assert problem.line == 10
+    assert problem.message == ("expected a list of items or a mapping of branch names to "
+                               "items, got 'pytest'")
+
+
 def test_fan_out_over_replicas_makes_one_branch_per_replica_of_the_role(
         tmp_path: Path) -> None:
     path = write(tmp_path, """\
