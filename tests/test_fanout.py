@@ -70,6 +70,15 @@ def stdout(outcome: Outcome) -> str:
     return str(outcome.result[0]["stdout"]).strip()
 
 
+def running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def pid_of(mesh: str, name: str) -> int:
     return next(r.pid for r in registry.read_records(mesh) if r.name == name)
 
@@ -124,9 +133,16 @@ async def test_node_killed_mid_task_fails_its_branch_as_crashed_and_spares_the_o
         os.kill(pid_of(local.mesh, "victim"), signal.SIGKILL)
 
         outcomes = await job
+
+        # The node's command ran in a session of its own; it must not outlive its node.
+        sleeper = int(sleeper_pid.read_text())
+
+        async def sleeper_gone() -> bool:
+            return not running(sleeper)
+
+        await wait_for(sleeper_gone, 15, "the killed node's command to stop")
     finally:
-        # The node's command runs in a session of its own and outlives a kill -9 of the node.
-        if sleeper_pid.exists():
+        if sleeper_pid.exists() and running(int(sleeper_pid.read_text())):
             os.kill(int(sleeper_pid.read_text()), signal.SIGKILL)
 
     assert [o.status for o in outcomes] == ["succeeded", "failed", "succeeded"]

@@ -16,11 +16,17 @@ Exit codes follow the shell's rule: 128 + N for a child killed by signal N. When
 goes away (its end of the socket closes) or this process gets SIGTERM, every child is sent
 SIGTERM, and SIGKILL after a grace period.
 
+A node runs its commands and daemons in sessions of their own, which outlive a node killed
+with -9. So every node is the subreaper of what it starts (a command's background processes
+stay its own), and this process the subreaper of the nodes: whatever comes to it that is not
+a node was left by a node that died, and it is killed, since nobody is left to supervise it.
+
 Run as `python -m mesh.spawn.forkserver FD`, FD being the inherited socket.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import json
@@ -35,6 +41,7 @@ from typing import Any
 
 STOP_GRACE_S = 5.0
 MAX_MESSAGE = 1024 * 1024
+PR_SET_CHILD_SUBREAPER = 36
 HELD_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
 # What a node imports on its way to ready, some of it lazily: anyio's event loop backend alone
 # (pulled in by the MCP service) costs a child over 100 ms of CPU when it is not here already.
@@ -58,14 +65,29 @@ PRELOAD = (
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
     _preload()
+    _become_subreaper()
     server = _Server(sock)
     return server.run()
+
+
+def _become_subreaper() -> None:
+    """Have our orphaned descendants come to us rather than to init (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        # TODO: without prctl, commands of a node killed with -9 outlive it.
+        pass
 
 
 def _preload() -> None:
     """Import everything a node needs before its first fork, once for all children."""
     for module in PRELOAD:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            # Only a head start: a node that needs the module fails with its own error.
+            sys.stderr.write(f"forkserver: not preloaded: {module}: {exc}\n")
     # A child's collector would walk, and so copy, every page of what we imported; frozen
     # objects stay shared with us.
     gc.collect()
@@ -127,18 +149,29 @@ class _Server:
         self.send({"op": "spawned", "id": request["id"], "pid": pid})
 
     def reap(self) -> None:
-        while self.children:
+        """Collect every child that ended: nodes are reported, orphans just laid to rest."""
+        node_ended = False
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             code = os.waitstatus_to_exitcode(status)
             node_id = self.children.pop(pid, None)
             if node_id is not None:
+                node_ended = True
                 self.send({"op": "exited", "id": node_id, "pid": pid,
                            "code": 128 - code if code < 0 else code})
+        if node_ended:
+            self.stop_orphans()
+
+    def stop_orphans(self) -> None:
+        """Kill the command groups that dead nodes left to us (see the module docstring)."""
+        for pid in _children_of(os.getpid()):
+            if pid not in self.children:
+                _signal_group(pid, signal.SIGKILL)
 
     def shutdown(self) -> None:
         for pid in self.children:
@@ -150,6 +183,7 @@ class _Server:
         for pid in self.children:
             _signal_group(pid, signal.SIGKILL)
         self.reap()
+        self.stop_orphans()
 
     def _become_child(self, request: dict[str, Any]) -> None:
         """Turn this fork into the node the request describes; never returns."""
@@ -160,6 +194,7 @@ class _Server:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             os.setsid()
+            _become_subreaper()
             self.wake_r.close()
             self.wake_w.close()
             _redirect_stdio(request["log"])
@@ -189,6 +224,23 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
             return
         except (ProcessLookupError, PermissionError):
             continue
+
+
+def _children_of(parent: int) -> list[int]:
+    """The pids whose parent is `parent`, from /proc."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                # The command name may hold spaces and parentheses: split after its last ')'.
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(entry.name))
+    return pids
 
 
 def _redirect_stdio(log_path: str) -> None:
