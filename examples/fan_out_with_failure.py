@@ -17,7 +17,7 @@ import sys
 
 from agent_runtime.logs import configure_logging
 from mesh import Mesh, NodeSpec
-from mesh.fanout import Assignment, BranchState, FailureKind, fan_out
+from mesh.fanout import Assignment, BranchState, FailureKind
 
 
 def shell(command: str) -> dict[str, object]:
@@ -40,8 +40,7 @@ async def main(backend: str) -> int:
     async with Mesh(backend=backend) as mesh:
         assignments = [Assignment(task=task, spec=NodeSpec(name=name))
                        for name, task in SPECIALISTS]
-        outcomes = await fan_out(assignments, spawner=mesh.spawner, limit=3, timeout=120,
-                                 on_progress=show)
+        outcomes = await mesh.fan_out(assignments, limit=3, timeout=120, on_progress=show)
 
     print("report:")
     for outcome in outcomes:

@@ -3,6 +3,7 @@
     async with Mesh(backend="local") as mesh:
         node = await mesh.spawn(name="coder")
         result = await mesh.peer(node).exec("python3 --version")
+        outcomes = await mesh.fan_out([Assignment(task, spec=NodeSpec(name="lint")), ...])
 
 Closing the mesh stops every node this object spawned and then reaps the mesh by label and
 registry, so nodes its nodes spawned (and any left by an earlier crashed run of the same mesh
@@ -15,13 +16,14 @@ import asyncio
 import builtins
 import enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import docker.errors
 import structlog
 
 from .client import Peer
 from .errors import ConfigError, SpawnError
+from .fanout import Assignment, Outcome, ProgressCallback, fan_out
 from .models import NodeInfo, NodeSpec
 from .spawn.base import DEFAULT_LEASE_S, Spawner, check_mesh_name, new_mesh_name
 from .spawn.docker import DEFAULT_IMAGE, DockerSpawner, connect
@@ -111,6 +113,19 @@ class Mesh:
         info = await self.spawner.spawn(spec or NodeSpec(**fields))
         self._nodes[info.id] = info
         return info
+
+    async def fan_out(
+        self,
+        assignments: Sequence[Assignment],
+        *,
+        limit: int = 8,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> builtins.list[Outcome]:
+        """Run each assignment on its node, or on one this mesh spawns for it (see fanout)."""
+        await self.start()
+        return await fan_out(assignments, spawner=self.spawner, limit=limit, timeout=timeout,
+                             on_progress=on_progress)
 
     def peer(self, node: NodeInfo | str) -> Peer:
         """A client of one of this mesh's nodes, authenticated with its token."""
