@@ -30,11 +30,14 @@ from mesh.spawn.docker import connect
 
 
 async def crash(spawner: Spawner, node: NodeInfo) -> None:
-    """Kill a node the hard way, from outside, as a crash would."""
+    """Kill the node's process with SIGKILL, as a crash would."""
     if spawner.backend == "docker":
+        # From inside: `docker kill` would be the engine removing the container on request.
+        kill = ["sh", "-c", 'kill -9 $(pgrep -xf "python -m agent_runtime")']
         client = connect()
         try:
-            await asyncio.to_thread(client.containers.get(node.id).kill)
+            container = client.containers.get(node.id)
+            await asyncio.to_thread(container.exec_run, kill)
         finally:
             client.close()
         return

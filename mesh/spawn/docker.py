@@ -33,6 +33,7 @@ import docker
 import docker.errors
 import structlog
 from docker.models.containers import Container
+from docker.types.daemon import CancellableStream
 
 from ..errors import SpawnError
 from ..models import NodeInfo, NodeSpec, NodeState
@@ -75,6 +76,8 @@ NAME_ATTEMPTS = 8
 STOP_GRACE_S = 5
 REMOVE_WAIT_S = 20.0
 OUTPUT_LINES = 1000
+# How long a stopped container's die event may lag behind what the engine shows of it.
+EXIT_EVENT_WAIT_S = 2.0
 # A DNS label holds at most 63 characters, and peers resolve nodes by container name.
 MAX_CONTAINER_NAME = 63
 
@@ -126,51 +129,71 @@ def remove_container(container: Container, grace_s: float = STOP_GRACE_S) -> Non
 
 @dataclasses.dataclass(frozen=True)
 class _Exit:
+    """How a container ended: its exit code, and who ended it."""
+
     code: int
-    oom: bool
+    oom: bool = False
+    # The engine killed it on someone's request (`docker rm -f`, `docker kill`, `docker stop`):
+    # with auto-remove, that container is gone for good, so it counts as removed.
+    killed: bool = False
 
     @property
     def state(self) -> NodeState:
         if self.oom:
             return NodeState.OOM_KILLED
+        if self.killed:
+            return NodeState.REMOVED
         return NodeState.EXITED if self.code == 0 else NodeState.CRASHED
 
 
 class _ExitWatch:
-    """Follows the mesh's container events from one thread: OOM kills and exit codes."""
+    """Follows the mesh's container events from one thread: kills, OOM kills and exit codes."""
 
     def __init__(self, client: docker.DockerClient, mesh: str) -> None:
         self._exits: dict[str, _Exit] = {}
         self._oom: set[str] = set()
-        self._lock = threading.Lock()
+        self._killed: set[str] = set()
+        self._changed = threading.Condition()
         # From a second ago, so that nothing between here and the first create is missed.
         self._stream = client.events(
             since=int(time.time()) - 1, decode=True,
             filters={"label": [f"{LABEL_MESH}={mesh}"], "type": ["container"],
-                     "event": ["oom", "die"]},
+                     "event": ["oom", "kill", "die"]},
         )
         self._thread = threading.Thread(target=self._run, name=f"peermesh-events-{mesh}",
                                         daemon=True)
         self._thread.start()
 
     def exit_of(self, container_id: str) -> _Exit | None:
-        with self._lock:
+        with self._changed:
+            return self._exits.get(container_id)
+
+    def wait_exit(self, container_id: str, timeout: float) -> _Exit | None:
+        """How the container ended, waiting up to `timeout` s for its die event. Blocking."""
+        with self._changed:
+            self._changed.wait_for(lambda: container_id in self._exits, timeout)
             return self._exits.get(container_id)
 
     def close(self) -> None:
-        self._stream.close()
+        _cut(self._stream)
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
         try:
             for event in self._stream:
                 container_id = event.get("id") or event.get("Actor", {}).get("ID", "")
-                with self._lock:
-                    if event.get("Action") == "oom":
+                action = event.get("Action")
+                with self._changed:
+                    if action == "oom":
                         self._oom.add(container_id)
-                    elif event.get("Action") == "die":
+                    elif action == "kill":
+                        self._killed.add(container_id)
+                    elif action == "die":
                         code = int(event["Actor"]["Attributes"].get("exitCode", -1))
-                        self._exits[container_id] = _Exit(code, container_id in self._oom)
+                        self._exits[container_id] = _Exit(
+                            code, container_id in self._oom, container_id in self._killed
+                        )
+                        self._changed.notify_all()
         except Exception as exc:  # the stream ends with an error when close() cuts it
             log.debug("docker.events_ended", error=str(exc))
 
@@ -193,10 +216,7 @@ class _Output:
 
     def close(self) -> None:
         """Cut the stream and close its socket; safe to call twice and from any thread."""
-        try:
-            self._stream.close()
-        except (OSError, AttributeError, docker.errors.DockerException):
-            pass
+        _cut(self._stream)
 
     def _run(self) -> None:
         partial = [b"", b""]
@@ -295,8 +315,9 @@ class DockerSpawner(Spawner):
                         error=str(exc))
             raise SpawnError(f"cannot prepare {node_id}: {exc}") from exc
         info = NodeInfo(
-            id=node_id, name=name, url="", backend="docker", mesh=self.mesh, parent=parent,
-            state=NodeState.STARTING, spawned_at=time.time(), token=token,
+            id=node_id, name=name, url="", internal_url=_internal_url(node_id),
+            backend="docker", mesh=self.mesh, parent=parent, state=NodeState.STARTING,
+            spawned_at=time.time(), token=token,
         )
         node = self._nodes[node_id] = _Node(info, container.id, output, spec.memory)
         try:
@@ -344,17 +365,29 @@ class DockerSpawner(Spawner):
         node = self._nodes.get(node_id)
         if node is not None and node.stopped:
             return node.info.model_copy(update={"state": NodeState.REMOVED})
-        exit_ = self._watch.exit_of(node.container_id) if node and self._watch else None
-        if node is not None and exit_ is not None:
+        if node is not None and (exit_ := self._exit_seen(node)) is not None:
             return node.info.model_copy(update={"state": exit_.state, "exit_code": exit_.code})
         client = await self._connect()
         container = await self._run(_find, client, node_id, self.mesh)
+        if node is None:
+            if container is not None:
+                return self._describe(container)
+            return NodeInfo(id=node_id, name=node_id, url="", backend="docker",
+                            mesh=self.mesh, state=NodeState.REMOVED, spawned_at=0.0)
+        if container is not None and container.status in ("created", "running", "paused"):
+            return self._describe(container)
+        # Ours, and no longer running: its die event tells how it ended (killed from outside,
+        # OOM, crashed) and follows within moments; the container itself may be gone already.
+        assert self._watch is not None
+        exit_ = await self._run(self._watch.wait_exit, node.container_id, EXIT_EVENT_WAIT_S)
+        if exit_ is not None:
+            return node.info.model_copy(update={"state": exit_.state, "exit_code": exit_.code})
         if container is not None:
             return self._describe(container)
-        if node is not None:
-            return node.info.model_copy(update={"state": NodeState.REMOVED})
-        return NodeInfo(id=node_id, name=node_id, url="", backend="docker", mesh=self.mesh,
-                        state=NodeState.REMOVED, spawned_at=0.0)
+        return node.info.model_copy(update={"state": NodeState.REMOVED})
+
+    def _exit_seen(self, node: _Node) -> _Exit | None:
+        return self._watch.exit_of(node.container_id) if self._watch is not None else None
 
     async def logs(self, node_id: str, tail: int = 200) -> str:
         client = await self._connect()
@@ -363,8 +396,9 @@ class DockerSpawner(Spawner):
             try:
                 raw = await self._run(container.logs, tail=tail)
                 return bytes(raw).decode("utf-8", errors="replace")
-            except docker.errors.NotFound:
-                pass
+            except docker.errors.APIError as exc:
+                # Gone, or dead and being auto-removed (409): the engine no longer serves logs.
+                log.debug("container.logs_gone", container=node_id, error=str(exc))
         node = self._nodes.get(node_id)
         # Gone with its container: what the output thread kept is all there is.
         return node.output.tail(tail) if node is not None else ""
@@ -442,6 +476,12 @@ class DockerSpawner(Spawner):
         if spec.pids:
             limits["pids_limit"] = spec.pids
         volumes = {}
+        if spec.workspace_mount:
+            # The engine resolves the folder on its own host, also for a spawner in a container.
+            folder = Path(spec.workspace_mount).expanduser().absolute()
+            if not folder.is_dir() and not os.path.exists("/.dockerenv"):
+                raise SpawnError(f"workspace_mount {folder} is not a folder")
+            volumes[str(folder)] = {"bind": WORKSPACE_IN_CONTAINER, "mode": "rw"}
         if self._mounts_socket(spec):
             volumes[docker_socket_path()] = {"bind": SOCKET_IN_CONTAINER, "mode": "rw"}
 
@@ -452,7 +492,7 @@ class DockerSpawner(Spawner):
             env = node_env(
                 spec, name=name, mesh=self.mesh, token=token, lease_s=lease_s,
                 parent_url=self.parent_url, MESH_NETWORK=self.network,
-                MESH_PUBLIC_URL=f"http://{container_name}:{NODE_PORT}",
+                MESH_PUBLIC_URL=_internal_url(container_name),
             )
             try:
                 return client.containers.create(
@@ -517,7 +557,7 @@ class DockerSpawner(Spawner):
             await asyncio.sleep(0.02)
             if (exit_ := self._watch.exit_of(node.container_id)) is not None:
                 return exit_
-        return _Exit(-1, False)
+        return _Exit(-1)
 
     def _failure(self, node: _Node, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
@@ -528,7 +568,7 @@ class DockerSpawner(Spawner):
     def _url(self, container: Container) -> str:
         """How this process reaches the node: by name on the mesh network, else via the host."""
         if os.environ.get("MESH_NETWORK") == self.network and os.path.exists("/.dockerenv"):
-            return f"http://{container.name}:{NODE_PORT}"
+            return _internal_url(container.name or "")
         ports = container.attrs["NetworkSettings"]["Ports"] or {}
         binding = (ports.get(f"{NODE_PORT}/tcp") or [{}])[0]
         return f"http://127.0.0.1:{binding.get('HostPort')}"
@@ -543,7 +583,8 @@ class DockerSpawner(Spawner):
             node_state, exit_code = exit_.state, exit_.code
         return NodeInfo(
             id=container.name or container.id or "", name=labels.get(LABEL_NODE, ""),
-            url=own.info.url if own else self._url(container), backend="docker",
+            url=own.info.url if own else self._url(container),
+            internal_url=_internal_url(container.name or ""), backend="docker",
             mesh=self.mesh, parent=labels.get(LABEL_PARENT) or None, state=node_state,
             exit_code=exit_code, spawned_at=float(labels.get(LABEL_SPAWNED_AT, 0) or 0),
             token=own.info.token if own else None,
@@ -557,6 +598,27 @@ _LIVE_STATES = {
     "restarting": NodeState.STARTING,
     "removing": NodeState.REMOVED,
 }
+
+
+def _internal_url(container_name: str) -> str:
+    """How sibling nodes on the mesh network reach a node: by its container name."""
+    return f"http://{container_name}:{NODE_PORT}"
+
+
+def _cut(stream: CancellableStream) -> None:
+    """Cut a stream of the engine and release its socket; safe twice and from any thread."""
+    try:
+        stream.close()
+    except (OSError, AttributeError, docker.errors.DockerException):
+        pass
+    # close() shuts the socket, but the response's file still holds it open until it too is
+    # closed; else the socket is only freed, with a ResourceWarning, when collected.
+    response = getattr(stream, "_response", None)
+    if response is not None:
+        try:
+            response.close()
+        except (OSError, AttributeError):
+            pass
 
 
 def _find(client: docker.DockerClient, node_id: str, mesh: str) -> Container | None:
