@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import aiohttp
 import pytest
 from spawn_support import (  # noqa: F401  (fixtures)
     answers,
@@ -393,3 +394,48 @@ async def test_orchestrator_mode_offers_the_peer_tools_and_works_through_them(
     assert [(r["tool"], r["ok"]) for r in results] == [
         ("spawn_peer", True), ("assign_task", True), ("read_peer_file", True)]
     assert "done by worker" in results[2]["output"]
+
+
+async def test_node_peer_routes_spawn_list_show_log_and_stop_a_sibling(
+    local: LocalSpawner,
+) -> None:
+    parent = await local.spawn(NodeSpec(name="parent"))
+    peers = f"{parent.url}/api/v1/peers"
+
+    status, child = await get_json(peers, parent.token, method="POST", body={"name": "kid"})
+    assert status == 201 and child["name"] == "kid" and child["parent"] == "parent"
+    status, shown = await get_json(f"{peers}/kid", parent.token)
+    assert (status, shown["id"], shown["state"]) == (200, child["id"], "running")
+    status, listed = await get_json(peers, parent.token)
+    assert [c["id"] for c in listed] == [child["id"]]
+    assert child["token"] and child["token"] != parent.token
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{peers}/{child['id']}/logs?tail=50",
+                               headers={"Authorization": f"Bearer {parent.token}"}) as reply:
+            assert reply.status == 200
+            assert "node.ready" in await reply.text()
+
+    status, _ = await get_json(f"{peers}/{child['id']}", parent.token, method="DELETE")
+    assert status == 204
+    assert not await answers(child["url"])
+    status, listed = await get_json(peers, parent.token)
+    assert (status, listed) == (200, [])
+
+
+async def test_node_peer_routes_refuse_bad_requests_naming_what_was_wrong(
+    local: LocalSpawner,
+) -> None:
+    parent = await local.spawn(NodeSpec(name="parent"))
+    peers = f"{parent.url}/api/v1/peers"
+
+    status, body = await get_json(peers, parent.token, method="POST", body={"name": "Not OK"})
+    assert status == 400 and "name" in body["error"]["message"]
+    status, body = await get_json(peers, parent.token, method="POST",
+                                  body={"name": "kid", "colour": "blue"})
+    assert status == 400 and "colour" in body["error"]["message"]
+    status, body = await get_json(f"{peers}/nobody", parent.token)
+    assert status == 404 and "no peer 'nobody'" in body["error"]["message"]
+    status, body = await get_json(f"{peers}/nobody/logs?tail=all", parent.token)
+    assert status in (400, 404)
+    assert await local.list() == [await local.status(parent.id)]
