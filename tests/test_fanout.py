@@ -434,6 +434,10 @@ async def test_node_peer_routes_refuse_bad_requests_naming_what_was_wrong(
     status, body = await get_json(peers, parent.token, method="POST",
                                   body={"name": "kid", "colour": "blue"})
     assert status == 400 and "colour" in body["error"]["message"]
+    status, body = await get_json(peers, parent.token, method="POST",
+                                  body={"name": "kid", "workspace_from": "/no/such/folder"})
+    assert status == 400 and body["error"]["details"] == {"field": "workspace_from"}
+    assert "/no/such/folder is not a folder" in body["error"]["message"]
     status, body = await get_json(f"{peers}/nobody", parent.token)
     assert status == 404 and "no peer 'nobody'" in body["error"]["message"]
     status, body = await get_json(f"{peers}/{parent.id}/logs?tail=all", parent.token)

@@ -85,6 +85,13 @@ class Peers:
         return self._spawner
 
     async def spawn(self, spec: NodeSpec) -> NodeInfo:
+        if self.spawner().backend == "local":
+            # A container's paths are the Docker host's, which this node cannot check.
+            for field in ("workspace_from", "workspace_mount"):
+                folder = getattr(spec, field)
+                if folder is not None and not os.path.isdir(os.path.expanduser(folder)):
+                    raise BadRequest(f"{field} {folder} is not a folder",
+                                     details={"field": field})
         try:
             return await self.spawn_child(spec)
         except SpawnError as exc:
