@@ -167,10 +167,15 @@ class _Branch:
         self.url: str | None = None
 
     async def progress(self, state: BranchState, detail: str = "") -> None:
-        if self.on_progress is not None:
+        if self.on_progress is None:
+            return
+        try:
             maybe = self.on_progress(self.index, self.name, state, detail)
             if maybe is not None:
                 await maybe
+        except Exception:
+            # A broken progress display must not cost a branch, let alone the fan-out.
+            log.exception("fanout.progress_failed", branch=self.name, state=state.value)
 
     def outcome(self, started: float, **fields: Any) -> Outcome:
         return Outcome(index=self.index, name=self.name, task_id=self.task_id,

@@ -160,12 +160,15 @@ class Mesh:
         if self._state is _State.CLOSED:
             return None
         self._state = _State.CLOSED
-        for peer in self._peers.values():
-            await peer.close()
-        self._peers.clear()
-        if self._spawner is not None:
-            await self._spawner.close()
-        report = await reap(self.name)
+        try:
+            for peer in self._peers.values():
+                await peer.close()
+            self._peers.clear()
+            if self._spawner is not None:
+                await self._spawner.close()
+        finally:
+            # Whatever went wrong above, nothing of the mesh may stay behind.
+            report = await asyncio.shield(reap(self.name))
         log.info("mesh.closed", mesh=self.name)
         return report
 

@@ -443,3 +443,15 @@ async def test_node_peer_routes_refuse_bad_requests_naming_what_was_wrong(
     status, body = await get_json(f"{peers}/{parent.id}/logs?tail=all", parent.token)
     assert status == 404 and "known peers: none" in body["error"]["message"]
     assert await local.list() == [await local.status(parent.id)]
+
+
+async def test_a_failing_progress_callback_costs_no_branch(local: LocalSpawner) -> None:
+    def broken(index: int, name: str, state: BranchState, detail: str) -> None:
+        raise RuntimeError("the display broke")
+
+    existing = await local.spawn(NodeSpec(name="existing"))
+    outcomes = await fan_out([Assignment(task=shell("echo one"), node=existing),
+                              Assignment(task=shell("echo two"), node=existing)],
+                             on_progress=broken)
+
+    assert [stdout(o) for o in outcomes] == ["one", "two"]
