@@ -23,13 +23,14 @@
 #   PEERMESH_BASE=IMAGE    base image (default peermesh-base:bookworm, built
 #                          here); e.g. python:3.11-slim where a registry exists
 #   PYTHON=python3         host interpreter for building wheels (must be 3.11,
-#                          the Python of the image)
+#                          the Python of the image; default: the project's
+#                          .venv/bin/python if scripts/setup made one, else python3)
 set -euo pipefail
 
 IMAGE=peermesh-node
 DEFAULT_BASE=peermesh-base:bookworm
 BASE=${PEERMESH_BASE:-$DEFAULT_BASE}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-}
 
 log() { printf '[build-image] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -37,6 +38,10 @@ die() { log "ERROR: $*"; exit 1; }
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 start=$SECONDS
+if [[ -z "$PYTHON" ]]; then
+    # The venv has pip for sure; a bare system python3 may not.
+    if [[ -x .venv/bin/python ]]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
+fi
 
 # Hash of every input file (path and content, in a stable order) plus the base.
 input_hash() {

@@ -14,6 +14,7 @@ import pytest
 from spawn_support import (  # noqa: F401  (fixtures)
     container_exists,
     docker_leftovers,
+    docker_problem,
     get_json,
     mesh_name,
     peermesh_home,
@@ -205,6 +206,10 @@ async def test_spawner_without_a_socket_names_the_missing_socket(
     with pytest.raises(SpawnError, match="no Docker socket at /nonexistent/docker.sock"):
         await spawner.spawn(NodeSpec(name="nowhere"))
     await spawner.close()
+
+    monkeypatch.undo()
+    if docker_problem() is None:
+        assert await asyncio.to_thread(docker_leftovers, mesh_name) == []
 
 
 async def test_missing_image_is_named_with_how_to_build_it(
