@@ -18,6 +18,7 @@ from pathlib import Path
 
 DEFAULT_PROJECT = "more-itertools==10.5.0"
 CHECK_TOOLS = ["pytest", "ruff", "mypy"]
+IMAGE_PYTHON = "3.11"
 
 
 def pip(*args: str) -> None:
@@ -50,8 +51,10 @@ def main() -> int:
 
     project = fetch(args.requirement, args.into)
     wheelhouse = project / "wheelhouse"
-    pip("download", "--quiet", "--only-binary", ":all:", "--python-version", "3.11",
-        "--dest", str(wheelhouse), *CHECK_TOOLS)
+    # Wheels for the node image's Python (3.11) and for this one, which local nodes use.
+    for version in sorted({IMAGE_PYTHON, f"{sys.version_info[0]}.{sys.version_info[1]}"}):
+        pip("download", "--quiet", "--only-binary", ":all:", "--python-version", version,
+            "--dest", str(wheelhouse), *CHECK_TOOLS)
     print(f"project: {project}")
     print(f"wheels:  {wheelhouse} ({len(list(wheelhouse.glob('*.whl')))} files)")
     return 0

@@ -411,13 +411,15 @@ def _log_path(mesh: str) -> Path:
     return home() / "meshes" / f"{mesh}.log"
 
 
-def _remove_files(mesh: str) -> None:
-    """A mesh's node folders and supervisor log, once nothing of it runs any more."""
+def _remove_files(mesh: str, *, log_too: bool) -> None:
+    """A mesh's node folders (and supervisor log), once nothing of it runs any more."""
     folder = _mesh_folder(mesh)
     shutil.rmtree(folder / "nodes", ignore_errors=True)
+    # Empty now unless registry records remain, which `mesh down` reaps.
     with contextlib.suppress(OSError):
         folder.rmdir()
-    _log_path(mesh).unlink(missing_ok=True)
+    if log_too:
+        _log_path(mesh).unlink(missing_ok=True)
 
 
 def _existing(mesh: str) -> MeshContext | None:
@@ -460,9 +462,16 @@ async def up(file: Path, *, overrides: Sequence[str] = (), progress: Progress) -
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), SUPERVISOR_READY_S)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+    except asyncio.CancelledError:
+        # Interrupted: the supervisor stops what it started, and nothing of it stays.
         proc.terminate()
+        await asyncio.shield(proc.wait())
+        log_path.unlink(missing_ok=True)
         raise
+    except asyncio.TimeoutError:
+        proc.terminate()
+        raise SpawnError(f"mesh {topology.mesh.name} was not up within "
+                         f"{SUPERVISOR_READY_S:g}s: {_tail(log_path, 15)}") from None
     if not line:
         await proc.wait()
         raise SpawnError(f"mesh {topology.mesh.name} did not start: "
@@ -503,7 +512,7 @@ async def supervise(file: Path, overrides: Sequence[str]) -> int:
         await spawner.close()
         remove_context(topology.mesh.name)
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+        _remove_files(topology.mesh.name, log_too=False)
     return 0
 
 
@@ -537,7 +546,7 @@ async def down(*, file: Path | None = None, mesh: str | None = None, everything:
         remove_context(name)
         # Whatever the supervisor did not stop (it may have been killed) goes by label.
         await reap(name)
-        _remove_files(name)
+        _remove_files(name, log_too=True)
     return names
 
 
