@@ -70,6 +70,8 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest("malformed JSON body: nested too deeply") from exc
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:

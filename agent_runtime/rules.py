@@ -1,18 +1,9 @@
 """Rules: declarative reactions a node applies to its own tasks, evaluated in-process.
 
-A rule names an event, a filter on it (task tags, task mode, tool name or glob, a regex) and
-one action. What each event shows and which actions may act there:
+What a rule may say (events, filters, actions, and which action may act at which event) is
+the schema in mesh.rules, shared with topologies; this module loads rules and runs them.
 
-    event                   `match` searches        actions
-    session.start           the task description    block, webhook
-    chat.system.transform   the latest user prompt  prompt-inject, redact, block, webhook
-    chat.params             the latest user prompt  set-params, block, webhook
-    tool.execute.before     the JSON arguments      block, require-approval, webhook
-    tool.execute.after      the JSON arguments      redact, webhook
-    session.idle            the task's result       webhook
-    session.error           the task's error        webhook
-
-Rules run in order and the first block ends an evaluation. Two choices the issue left open:
+Rules run in order and the first block ends an evaluation. Choices the issue left open:
 
 - `set-params` is a sixth action besides prompt-inject, block, require-approval, webhook and
   redact: chat.params needs a way to act, and folding a params override into prompt-inject
@@ -22,7 +13,13 @@ Rules run in order and the first block ends an evaluation. Two choices the issue
   Its `targets` say where it filters: `tool_output` at tool.execute.after (the result the
   model, the transcript and the tool_result event get, and tool arguments shown in events)
   and `prompt` at chat.system.transform (system and user messages before the model sees
-  them). Without `targets` it filters the data of its own event.
+  them, and user messages as events show them). Without `targets` it filters the data of
+  its own event.
+- A block of a prompt (at session.start, chat.system.transform or chat.params) ends the task
+  as failed with the rule's reason: the prompt never reaches the model, so there is no model
+  to tell.
+- `cooldown_ms` keeps a rule quiet after it fired: within the task at the chat.* and tool.*
+  events, and across the node's tasks at the session.* events, which come once per task.
 
 A webhook POSTs the event as JSON and retries transient failures. It runs in the background
 unless the rule is `blocking`; a blocking webhook holds the action until it is delivered, and
@@ -41,20 +38,12 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -64,7 +53,20 @@ from tenacity import (
 from yarl import URL
 
 from mesh.errors import BadRequest, ConfigError, Conflict, MeshError
-from mesh.models import Mode, Task, TaskStatus
+from mesh.models import Task
+from mesh.rules import (
+    ACTIONS_AT,
+    SESSION_EVENTS,
+    Block,
+    PromptInject,
+    Redact,
+    RequireApproval,
+    Rule,
+    RuleError,
+    SetParams,
+    Webhook,
+    parse_rules,
+)
 
 from .tasks import TaskError, cut, render_output
 
@@ -84,266 +86,14 @@ __all__ = [
 
 log = structlog.get_logger("agent_runtime.rules")
 
-EventName = Literal[
-    "session.start",
-    "chat.system.transform",
-    "chat.params",
-    "tool.execute.before",
-    "tool.execute.after",
-    "session.idle",
-    "session.error",
-]
-TOOL_EVENTS = frozenset({"tool.execute.before", "tool.execute.after"})
-Target = Literal["tool_output", "prompt"]
-# Where each redact target is filtered, and the target a redact rule's own event implies.
-TARGET_EVENTS: dict[str, str] = {
-    "tool_output": "tool.execute.after", "prompt": "chat.system.transform"}
-ACTIONS_AT: dict[str, tuple[str, ...]] = {
-    "session.start": ("block", "webhook"),
-    "chat.system.transform": ("prompt-inject", "redact", "block", "webhook"),
-    "chat.params": ("set-params", "block", "webhook"),
-    "tool.execute.before": ("block", "require-approval", "webhook"),
-    "tool.execute.after": ("redact", "webhook"),
-    "session.idle": ("webhook",),
-    "session.error": ("webhook",),
-}
 
 # The one retry policy of webhook deliveries: exponential from the base, capped.
 WEBHOOK_RETRY_BASE_S = 0.2
 WEBHOOK_RETRY_MAX_S = 10.0
 # Background deliveries still running at shutdown get this long before they are dropped.
 WEBHOOK_GRACE_S = 2.0
-
-
-# -- the rule schema --------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _check_regex(pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"not a valid regular expression: {exc}") from None
-    return pattern
-
-
-class Trigger(_Strict):
-    event: EventName
-    tags: list[str] = Field(
-        default_factory=list, description="Any of these task tags; none means every task.")
-    tool: str | None = Field(
-        default=None, min_length=1, description="Tool name or glob (tool events only).")
-    mode: Mode | None = None
-    match: str | None = Field(
-        default=None, description="Regex searched in what the event shows (see the table).")
-
-    _match_re: re.Pattern[str] | None = PrivateAttr(default=None)
-
-    @field_validator("match")
-    @classmethod
-    def _valid_match(cls, value: str | None) -> str | None:
-        return value if value is None else _check_regex(value)
-
-    def model_post_init(self, context: Any) -> None:
-        self._match_re = re.compile(self.match) if self.match is not None else None
-
-    @property
-    def match_re(self) -> re.Pattern[str] | None:
-        return self._match_re
-
-
-class PromptInject(_Strict):
-    type: Literal["prompt-inject"]
-    target: Literal["system", "user"] = "system"
-    position: Literal["append", "prepend"] = "append"
-    text: str = Field(min_length=1)
-
-
-class Block(_Strict):
-    type: Literal["block"]
-    reason: str = Field(min_length=1)
-
-
-class RequireApproval(_Strict):
-    type: Literal["require-approval"]
-    timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
-    reason: str | None = None
-
-
-class Webhook(_Strict):
-    type: Literal["webhook"]
-    url: str
-    headers: dict[str, str] = Field(default_factory=dict)
-    retries: int = Field(default=3, ge=0, le=10)
-    timeout_s: float = Field(default=10.0, gt=0, le=300)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        try:
-            url = URL(value)
-        except ValueError as exc:
-            raise ValueError(f"not a URL: {exc}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        return value
-
-
-class Redact(_Strict):
-    type: Literal["redact"]
-    pattern: str = Field(min_length=1)
-    replacement: str = "[REDACTED]"
-    targets: list[Target] | None = Field(
-        default=None, min_length=1, description="Where to filter; the rule's event if absent.")
-
-    _compiled: re.Pattern[str] = PrivateAttr()
-
-    @field_validator("pattern")
-    @classmethod
-    def _valid_pattern(cls, value: str) -> str:
-        return _check_regex(value)
-
-    def model_post_init(self, context: Any) -> None:
-        self._compiled = re.compile(self.pattern)
-
-    @property
-    def compiled(self) -> re.Pattern[str]:
-        return self._compiled
-
-
-class SetParams(_Strict):
-    type: Literal["set-params"]
-    model: str | None = Field(default=None, min_length=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(
-        default=None, gt=0, description="Output tokens of one model call.")
-
-    @model_validator(mode="after")
-    def _something(self) -> SetParams:
-        if not self.overrides():
-            raise ValueError("set at least one of model, temperature, max_tokens")
-        return self
-
-    def overrides(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"type"}, exclude_none=True)
-
-
-Action = Annotated[
-    PromptInject | Block | RequireApproval | Webhook | Redact | SetParams,
-    Field(discriminator="type"),
-]
-ACTION_TYPES = frozenset(
-    get_args(kind.model_fields["type"].annotation)[0]
-    for kind in (PromptInject, Block, RequireApproval, Webhook, Redact, SetParams)
-)
-
-
-class Rule(_Strict):
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    enabled: bool = True
-    description: str = ""
-    trigger: Trigger
-    action: Action
-    cooldown_ms: int = Field(default=0, ge=0)
-    blocking: bool = Field(
-        default=False, description="Webhooks only: hold the action until delivered.")
-
-    @model_validator(mode="after")
-    def _default_targets(self) -> Rule:
-        if isinstance(self.action, Redact) and self.action.targets is None:
-            implied = [t for t, event in TARGET_EVENTS.items() if event == self.trigger.event]
-            self.action.targets = implied or None  # type: ignore[assignment]
-        return self
-
-    def targets(self) -> list[str]:
-        return list(self.action.targets or []) if isinstance(self.action, Redact) else []
-
-
-def _problems(rule: Rule) -> list[tuple[str, str]]:
-    """What a well-formed rule still gets wrong: combinations the schema alone cannot see."""
-    event, action = rule.trigger.event, rule.action
-    found: list[tuple[str, str]] = []
-    if action.type not in ACTIONS_AT[event]:
-        found.append(("action.type", f"{action.type} cannot act at {event}; actions there: "
-                                     f"{', '.join(ACTIONS_AT[event])}"))
-    sees_tools = event in TOOL_EVENTS or "tool_output" in rule.targets()
-    if rule.trigger.tool is not None and not sees_tools:
-        found.append(("trigger.tool", "a tool filter applies only to tool.execute.before "
-                                      "and tool.execute.after"))
-    if rule.blocking and not isinstance(action, Webhook):
-        found.append(("blocking", "only a webhook can be blocking; the other actions always "
-                                  "act before the task goes on"))
-    if rule.cooldown_ms and isinstance(action, Redact):
-        found.append(("cooldown_ms", "a redact rule filters every time; cooldown_ms must be 0"))
-    return found
-
-
-class RuleError(ConfigError):
-    """Rules that do not validate; `problems` names each field as rules[i].field."""
-
-    def __init__(self, problems: list[dict[str, str]], *, source: str | None = None) -> None:
-        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-        super().__init__(f"{source}: {summary}" if source else f"invalid rules: {summary}")
-        self.problems = problems
-        self.source = source
-
-    def as_bad_request(self) -> BadRequest:
-        return BadRequest(str(self), details={"errors": self.problems})
-
-
-def _field_name(index: int, loc: tuple[int | str, ...]) -> str:
-    parts = list(loc)
-    # A discriminated union puts the chosen tag in the path: action.redact.pattern.
-    if len(parts) > 1 and parts[0] == "action" and parts[1] in ACTION_TYPES:
-        del parts[1]
-    name = f"rules[{index}]"
-    for part in parts:
-        name += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return name
-
-
-def _message(error: Any) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return "unknown field"
-    if kind == "union_tag_not_found":
-        return f"missing `type`; one of {', '.join(sorted(ACTION_TYPES))}"
-    if kind == "union_tag_invalid":
-        return (f"unknown action type {error['input'].get('type')!r}; one of "
-                f"{', '.join(sorted(ACTION_TYPES))}")
-    if kind == "value_error":
-        return str(error["ctx"]["error"])
-    return str(error["msg"])
-
-
-def parse_rules(data: Any, *, source: str | None = None) -> list[Rule]:
-    """Validate a list of rules, all or nothing; RuleError names every bad field."""
-    if not isinstance(data, list):
-        raise RuleError([{"field": "rules", "message": "must be a list of rules"}],
-                        source=source)
-    rules: list[Rule] = []
-    problems: list[dict[str, str]] = []
-    seen: dict[str, int] = {}
-    for index, raw in enumerate(data):
-        try:
-            rule = Rule.model_validate(raw)
-        except ValidationError as exc:
-            problems += [{"field": _field_name(index, err["loc"]), "message": _message(err)}
-                         for err in exc.errors()]
-            continue
-        problems += [{"field": f"rules[{index}].{field}", "message": message}
-                     for field, message in _problems(rule)]
-        if rule.id in seen:
-            problems.append({"field": f"rules[{index}].id",
-                             "message": f"duplicate id {rule.id!r} (also rules[{seen[rule.id]}])"})
-        seen.setdefault(rule.id, index)
-        rules.append(rule)
-    if problems:
-        raise RuleError(problems, source=source)
-    return rules
+# Where the cooldowns of session.* rules are kept: they span tasks.
+NODE_SCOPE = ""
 
 
 def load_rules(config: NodeConfig) -> list[Rule]:
@@ -368,6 +118,8 @@ def _read_rules_file(path: Path) -> Any:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"rules file {path}: cannot read it: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"rules file {path}: not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"rules file {path}: not valid YAML or JSON: {exc}") from exc
     if isinstance(data, dict) and set(data) == {"rules"}:
@@ -430,10 +182,12 @@ def _substitute(value: V, pattern: re.Pattern[str], replacement: str) -> tuple[V
         return (type(value).model_validate(data) if count else value), count
     if isinstance(value, dict):
         pairs = [(key, _substitute(item, pattern, replacement)) for key, item in value.items()]
-        return {key: item for key, (item, _) in pairs}, sum(n for _, (_, n) in pairs)  # type: ignore[return-value]
+        found = {key: item for key, (item, _) in pairs}
+        return found, sum(n for _, (_, n) in pairs)  # type: ignore[return-value]
     if isinstance(value, (list, tuple)):
         items = [_substitute(item, pattern, replacement) for item in value]
-        return type(value)(item for item, _ in items), sum(n for _, n in items)  # type: ignore[return-value]
+        rebuilt = type(value)(item for item, _ in items)
+        return rebuilt, sum(n for _, n in items)  # type: ignore[return-value]
     return value, 0
 
 
@@ -445,7 +199,7 @@ class RuleEngine:
         self._rules: tuple[Rule, ...] = tuple(rules)
         self.approvals = Approvals(node)
         self._webhooks = _Webhooks(node)
-        # task id -> rule id -> when the rule last fired for it (monotonic seconds)
+        # task id (or NODE_SCOPE) -> rule id -> when the rule last fired (monotonic seconds)
         self._fired_at: dict[str, dict[str, float]] = {}
 
     @property
@@ -485,7 +239,9 @@ class RuleEngine:
         """chat.params: the model settings of a turn, with the overrides of set-params rules."""
         ctx = await self.fire("chat.params", RuleContext(task, subject=_latest_user(messages)))
         _raise_if_blocked(ctx)
-        return dataclasses.replace(settings, **ctx.params) if ctx.params else settings  # type: ignore[type-var]
+        if not ctx.params:
+            return settings
+        return dataclasses.replace(settings, **ctx.params)  # type: ignore[type-var]
 
     async def before_tool(
         self, task: Task, call_id: str, tool: str, args: dict[str, Any]
@@ -509,6 +265,10 @@ class RuleEngine:
     async def session_error(self, task: Task, error: str) -> None:
         await self.fire("session.error", RuleContext(task, subject=error))
 
+    def redact_prompt(self, task: Task, text: str) -> str:
+        """A user's message as events show it, through the prompt filters."""
+        return self._redact(RuleContext(task, subject=text), "prompt", text, event=None)
+
     def redact_args(self, task: Task, tool: str, args: V) -> V:
         """Tool arguments as events show them, through the tool_output filters."""
         ctx = RuleContext(task, subject=json.dumps(args, default=str), tool=tool)
@@ -531,7 +291,7 @@ class RuleEngine:
         for rule in rules:
             if (not rule.enabled or rule.trigger.event != event
                     or isinstance(rule.action, Redact) or not self._matches(rule, ctx)
-                    or not self._cooled_down(rule, ctx.task.id)):
+                    or not self._cooled_down(rule, event, ctx.task.id)):
                 continue
             self._emit_fired(rule, event, ctx)
             await self._act(rule, event, ctx)
@@ -551,11 +311,12 @@ class RuleEngine:
             return False
         return trigger.match_re is None or bool(trigger.match_re.search(ctx.subject))
 
-    def _cooled_down(self, rule: Rule, task_id: str) -> bool:
-        """Whether the rule may fire for the task now; if so, its cooldown starts again."""
+    def _cooled_down(self, rule: Rule, event: str, task_id: str) -> bool:
+        """Whether the rule may fire now; if so, its cooldown starts again."""
         if not rule.cooldown_ms:
             return True
-        fired = self._fired_at.setdefault(task_id, {})
+        scope = NODE_SCOPE if event in SESSION_EVENTS else task_id
+        fired = self._fired_at.setdefault(scope, {})
         now = time.monotonic()
         last = fired.get(rule.id)
         if last is not None and (now - last) * 1000 < rule.cooldown_ms:
@@ -752,7 +513,10 @@ class _Webhooks:
             async for attempt in retrying:
                 with attempt:
                     answer = await self._post(action, payload)
-        except WebhookError as exc:
+        except Exception as exc:
+            # Fails open, whatever the fault: a webhook never fails the task.
+            if not isinstance(exc, WebhookError):
+                log.exception("webhook.crashed", task_id=task_id, rule=rule.id, url=shown)
             attempts = retrying.statistics.get("attempt_number", 1)
             log.warning("webhook.failed", task_id=task_id, rule=rule.id, url=shown,
                         error=str(exc), attempts=attempts)
@@ -781,4 +545,7 @@ class _Webhooks:
                     answer = None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _WebhookFault(f"{type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:
+            # A request aiohttp will not send as given; no retry can change that.
+            raise WebhookError(f"cannot send it: {exc}") from exc
         return answer if isinstance(answer, dict) else {}

@@ -192,7 +192,8 @@ class TaskManager:
             )
         if self._closing:
             raise Unavailable("the node is shutting down and takes no new work")
-        self.events.emit(task.id, "message", {"role": "user", "text": content})
+        shown = self.node.rules.redact_prompt(task, content)
+        self.events.emit(task.id, "message", {"role": "user", "text": shown})
         if task.status not in TERMINAL_STATUSES:
             self._inbox.setdefault(task.id, []).append(content)
             return task

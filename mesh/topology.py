@@ -40,6 +40,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .models import McpServerDecl, Mode, Step
+from .rules import check_rules
 
 __all__ = [
     "Branch",
@@ -191,7 +192,9 @@ class MeshSettings(_Strict):
     api_base: str | None = None
     workspace: WorkspaceDecl | None = Field(
         default=None, description="Workspace of every node that declares none.")
-    rules: list[dict[str, Any]] = Field(default_factory=list)
+    # Checked by mesh.rules, as the node checks them (see _rule_problems).
+    rules: list[Any] = Field(
+        default_factory=list, description="Rules every node gets, before its own.")
     mcp_servers: list[McpServerDecl] = Field(default_factory=list)
 
 
@@ -212,8 +215,8 @@ class NodeDecl(_Strict):
         default=None, description="Added to the system prompt of this node's agent.")
     may_spawn: list[str] = Field(
         default_factory=list, description="Node names or roles this node may spawn.")
-    # TODO: give rules a schema once the node implements them.
-    rules: list[dict[str, Any]] = Field(default_factory=list)
+    # Checked by mesh.rules, as the node checks them (see _rule_problems).
+    rules: list[Any] = Field(default_factory=list, description="This node's own rules.")
     mcp_servers: list[McpServerDecl] = Field(default_factory=list)
 
 
@@ -745,6 +748,31 @@ def _reference_problems(raw: Any) -> list[tuple[Loc, str]]:
 
     found.extend(_output_problems(raw, node_names + list(replicas), task_names))
     found.extend(_cycle_problems(tasks, first_task))
+    found.extend(_rule_problems(raw))
+    return found
+
+
+def _rule_problems(raw: Any) -> list[tuple[Loc, str]]:
+    """Mesh-wide and per-node rules, checked as the node will check them when it starts.
+
+    A node gets the mesh-wide rules, then its own, so an id may appear in only one of them.
+    """
+    mesh = raw.get("mesh") if isinstance(raw, dict) else None
+    mesh_rules = mesh.get("rules") if isinstance(mesh, dict) else None
+    found: list[tuple[Loc, str]] = []
+    mesh_ids: dict[str, str] = {}
+    if isinstance(mesh_rules, list):
+        _, problems = check_rules(mesh_rules)
+        found += [(("mesh", "rules", *loc), message) for loc, message in problems]
+        for index, item in enumerate(mesh_rules):
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                mesh_ids.setdefault(item["id"], f"mesh-wide rule mesh.rules[{index}]")
+    nodes = raw.get("nodes") if isinstance(raw, dict) else None
+    for index, node in enumerate(nodes if isinstance(nodes, list) else []):
+        rules = node.get("rules") if isinstance(node, dict) else None
+        if isinstance(rules, list):
+            _, problems = check_rules(rules, taken=mesh_ids)
+            found += [(("nodes", index, "rules", *loc), message) for loc, message in problems]
     return found
 
 

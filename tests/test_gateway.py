@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -11,12 +12,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from agent_runtime.app import NODE
+from agent_runtime.app import NODE, build_app
 from agent_runtime.node import Node
 from agent_runtime.scripted_model import ScriptedModelServer, ToolCall, Turn
 from mesh.client import Peer
 from mesh.models import NodeSpec
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, make_config
 from tests.test_tasks import submit, wait_final
 
 # litellm builds one of its pydantic models on first use, and pydantic warns about a TypedDict
@@ -151,6 +152,55 @@ async def test_a_provider_rate_limit_reaches_the_caller_as_429_with_its_retry_af
     assert caught.value.status_code == 429
     assert caught.value.code == "rate_limit_exceeded"
     assert caught.value.response.headers["retry-after"] == "7"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_provider_fault_reaches_the_caller_as_a_502_not_as_the_gateways_own_500(
+    ai: openai.AsyncOpenAI, scripted: ScriptedModelServer, stream: bool
+) -> None:
+    scripted.add(Turn(error_status=500))
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        await ai.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], stream=stream
+        )
+
+    assert caught.value.status_code == 502
+    assert caught.value.code == "provider_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_unreachable_provider_is_a_502_naming_it_unreachable(
+    aiohttp_client: Any, tmp_path: Path, stream: bool
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    config = make_config(tmp_path, model="openai/scripted", api_key="k",
+                         api_base=f"http://127.0.0.1:{closed_port}/v1")
+    node = await aiohttp_client(build_app(config))
+
+    response = await node.post(
+        "/api/v1/ai/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"model": "default", "messages": [{"role": "user", "content": "hi"}],
+              "stream": stream},
+    )
+
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "provider_unreachable"
+
+
+async def test_a_body_nested_too_deeply_is_a_400_in_openai_shape(
+    agent_client: TestClient,
+) -> None:
+    nested = b'{"model": "default", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    response = await agent_client.post("/api/v1/ai/chat/completions", data=nested)
+
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "nested too deeply" in error["message"]
 
 
 async def test_a_node_without_a_model_answers_503_in_openai_shape(client: TestClient) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -248,6 +249,69 @@ async def test_mcp_endpoint_refuses_a_missing_or_wrong_token(client: TestClient)
                               headers={**accept, "Authorization": "Bearer nope-nope"})
 
     assert missing.status == 401 and wrong.status == 401
+
+
+async def test_mcp_endpoint_refuses_a_get_stream_instead_of_holding_it_open(
+    client: TestClient,
+) -> None:
+    response = await client.get("/mcp", headers={"Accept": "text/event-stream"})
+
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert "stateless" in (await response.json())["error"]["message"]
+
+
+async def test_attach_bodies_of_the_wrong_shape_are_refused_with_a_400(
+    client: TestClient,
+) -> None:
+    nested = b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    bodies = [nested, b"[]", b'"echo"', b"{", json.dumps({"name": 5}).encode(),
+              json.dumps({"name": "x", "command": {"argv": "x"}}).encode()]
+
+    answers = [await client.post(SERVERS, data=body) for body in bodies]
+
+    assert [answer.status for answer in answers] == [400] * len(bodies)
+    assert "nested too deeply" in (await answers[0].json())["error"]["message"]
+
+
+def test_starting_a_node_leaves_the_mcp_sdk_unloaded_until_mcp_is_used(tmp_path: Path) -> None:
+    # The SDK takes most of a second to import; a node that never speaks MCP never pays.
+    code = textwrap.dedent(f"""\
+        import asyncio, json, sys
+        import aiohttp
+        from aiohttp import web
+        from agent_runtime.app import build_app
+        from agent_runtime.config import NodeConfig
+
+        async def main():
+            config = NodeConfig(workspace={str(tmp_path / "ws")!r},
+                                state_dir={str(tmp_path / "state")!r}, token={TOKEN!r})
+            runner = web.AppRunner(build_app(config))
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            url = "http://127.0.0.1:%d/mcp" % runner.addresses[0][1]
+            started = "mcp" in sys.modules
+            headers = {{"Authorization": "Bearer {TOKEN}",
+                        "Accept": "application/json, text/event-stream"}}
+            async with aiohttp.ClientSession(headers=headers) as http:
+                answer = await http.post(url, json={{"jsonrpc": "2.0", "id": 1,
+                                                     "method": "tools/list"}})
+                listing = await answer.json()
+            await runner.cleanup()
+            print(json.dumps({{"at_start": started, "status": answer.status,
+                              "tools": [tool["name"] for tool in listing["result"]["tools"]],
+                              "after_use": "mcp" in sys.modules}}))
+
+        asyncio.run(main())
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True"))
+
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["at_start"] is False
+    assert seen["status"] == 200 and "terminal_exec" in seen["tools"]
+    assert seen["after_use"] is True
 
 
 async def test_node_attached_to_its_own_endpoint_does_not_serve_proxied_tools(

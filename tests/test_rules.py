@@ -20,6 +20,8 @@ from agent_runtime.config import parse_node_args
 from agent_runtime.node import Node
 from agent_runtime.scripted_model import ScriptedModelServer, ToolCall, Turn
 from mesh.errors import ConfigError
+from mesh.runner import node_spec
+from mesh.topology import TopologyError, expand_nodes, load_topology
 from tests.conftest import TOKEN, make_config
 from tests.test_tasks import events_of, exec_step, submit, wait_final
 from tests.test_agent_loop import tool_messages
@@ -274,6 +276,55 @@ async def test_a_redacted_step_result_keeps_its_shape(client: TestClient, worksp
 
     assert task["status"] == "completed", task["error"]
     assert task["result"][0]["stdout"] == "***" and task["result"][0]["exit_code"] == 0
+
+
+async def test_prompt_redaction_hides_a_secret_the_user_typed_from_the_model_and_events(
+    agent_client: TestClient, scripted: ScriptedModelServer
+) -> None:
+    await put_rules(agent_client, [{
+        "id": "no-keys", "trigger": {"event": "chat.system.transform"},
+        "action": {"type": "redact", "pattern": "sk-[A-Za-z0-9]{20,}"}}])
+    scripted.add(Turn(text="noted"), Turn(text="noted again"))
+
+    task_id = await submit(agent_client, description=f"my key is {SECRET}", mode="ask")
+    await wait_final(agent_client, task_id)
+    await agent_client.post(f"/api/v1/agent/tasks/{task_id}/messages",
+                            json={"content": f"and again: {SECRET}"})
+    await until(lambda: _async(len(scripted.requests) == 2))
+    task = await wait_final(agent_client, task_id)
+
+    assert task["status"] == "completed", task["error"]
+    users = [m["content"] for m in scripted.requests[1]["messages"] if m["role"] == "user"]
+    assert users == ["my key is [REDACTED]", "and again: [REDACTED]"]
+    assert SECRET not in json.dumps(scripted.requests)
+    events = stored_events(agent_client, task_id)
+    assert SECRET not in json.dumps(events)
+    said = [e["data"]["text"] for e in events if e["type"] == "message"
+            and e["data"]["role"] == "user"]
+    assert said == ["and again: [REDACTED]"]
+
+
+async def test_a_blocked_prompt_never_reaches_the_model_and_fails_the_task_with_the_reason(
+    agent_client: TestClient, scripted: ScriptedModelServer
+) -> None:
+    await put_rules(agent_client, [{
+        "id": "no-drops", "trigger": {"event": "chat.system.transform",
+                                      "match": "(?i)drop table"},
+        "action": {"type": "block", "reason": "destructive SQL is not asked of the model"}}])
+    scripted.add(Turn(text="fine"))
+
+    blocked = await submit(agent_client, description="DROP TABLE users; then report",
+                           mode="ask")
+    blocked_task = await wait_final(agent_client, blocked)
+    allowed = await submit(agent_client, description="count the users", mode="ask")
+    allowed_task = await wait_final(agent_client, allowed)
+
+    assert blocked_task["status"] == "failed"
+    assert blocked_task["error"] == ("blocked by rule no-drops: destructive SQL is not asked "
+                                     "of the model")
+    assert allowed_task["status"] == "completed"
+    assert len(scripted.requests) == 1
+    assert "DROP TABLE" not in json.dumps(scripted.requests)
 
 
 # -- blocks, parameters, cooldown -------------------------------------------------------------
@@ -538,6 +589,54 @@ async def test_blocking_webhook_can_block_a_tool_call(
     assert not (workspace / "made.txt").exists()
 
 
+SEVEN_EVENTS = ["session.start", "chat.system.transform", "chat.params",
+                "tool.execute.before", "tool.execute.after", "session.idle", "session.error"]
+
+
+async def test_rules_fire_at_each_of_the_seven_events_and_each_firing_is_a_task_event(
+    agent_client: TestClient, scripted: ScriptedModelServer, receiver: Receiver
+) -> None:
+    await put_rules(agent_client, [
+        {"id": f"on-{event}", "trigger": {"event": event},
+         "action": {"type": "webhook", "url": receiver.url}}
+        for event in SEVEN_EVENTS])
+    scripted.add(Turn(tool_calls=[ToolCall("list_files", {"path": "."})]), Turn(text="done"))
+
+    worked = await submit(agent_client, description="look around", mode="ask")
+    await wait_final(agent_client, worked)
+    failed = await submit(agent_client, steps=[exec_step("exit 3")])
+    await wait_final(agent_client, failed)
+    await until(lambda: _async(len(receiver.bodies) >= 9))
+
+    by_task: dict[str, list[str]] = collections.defaultdict(list)
+    for body in receiver.bodies:
+        by_task[body["task"]["id"]].append(body["event"])
+    assert sorted(set(by_task[worked])) == sorted(SEVEN_EVENTS[:-1])
+    assert sorted(by_task[failed]) == sorted(["session.start", "tool.execute.before",
+                                              "tool.execute.after", "session.error"])
+    for task_id in (worked, failed):
+        fired = [e["data"]["event"] for e in stored_events(agent_client, task_id)
+                 if e["type"] == "rule.fired"]
+        assert sorted(fired) == sorted(by_task[task_id])
+
+
+async def test_a_cooldown_at_a_session_event_spans_tasks(
+    client: TestClient, receiver: Receiver
+) -> None:
+    await put_rules(client, [webhook_rule(receiver.url, "session.error", cooldown_ms=600_000)])
+
+    first = await submit(client, steps=[exec_step("exit 1")])
+    await wait_final(client, first)
+    second = await submit(client, steps=[exec_step("exit 2")])
+    await wait_final(client, second)
+    await until(lambda: _async(receiver.bodies))
+
+    fired = {task_id: [e for e in stored_events(client, task_id) if e["type"] == "rule.fired"]
+             for task_id in (first, second)}
+    assert [body["task"]["id"] for body in receiver.bodies] == [first]
+    assert len(fired[first]) == 1 and fired[second] == []
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 
@@ -596,3 +695,60 @@ def test_mesh_rules_variable_is_read_and_bad_json_is_a_config_error(tmp_path: Pa
     assert config.rules == rules
     with pytest.raises(ConfigError, match="rules"):
         parse_node_args([], {**environ, "MESH_RULES": "[{"})
+
+
+TOPOLOGY = """\
+mesh:
+  name: m
+  rules:
+    - id: audit
+      trigger: {event: session.idle}
+      action: {type: webhook, url: "http://127.0.0.1:9/audit"}
+nodes:
+  - name: worker
+    rules:
+      - id: no-rm
+        trigger: {event: tool.execute.before, tool: terminal_exec, match: 'rm -r'}
+        action: {type: block, reason: recursive deletes are off}
+"""
+
+
+async def test_topology_rules_reach_the_node_mesh_wide_first(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(TOPOLOGY)
+    topology = load_topology(path)
+    env = node_spec(topology, expand_nodes(topology)[0], tmp_path / "scratch").env
+    config = parse_node_args([], {"MESH_WORKSPACE": str(tmp_path / "ws"),
+                                  "MESH_STATE_DIR": str(tmp_path / "state"),
+                                  "MESH_TOKEN": TOKEN, "MESH_RULES": env["MESH_RULES"]})
+    client = await aiohttp_client(build_app(config),
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+
+    listed = await (await client.get("/api/v1/agent/rules")).json()
+
+    assert [rule["id"] for rule in listed["rules"]] == ["audit", "no-rm"]
+
+
+def test_topology_rule_mistakes_are_reported_at_their_line_before_any_node_starts(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(TOPOLOGY.replace("trigger: {event: tool", "trigger: {evnt: tool")
+                    + "      - id: audit\n"
+                      "        trigger: {event: session.error}\n"
+                      "        action: {type: redact, pattern: 'sk-[A-Z]+'}\n")
+
+    with pytest.raises(TopologyError) as raised:
+        load_topology(path)
+
+    problems = {problem.key: problem for problem in raised.value.problems}
+    typo = problems["nodes[0].rules[0].trigger.evnt"]
+    assert typo.line == 11 and "did you mean 'event'" in typo.message
+    assert problems["nodes[0].rules[0].trigger.event"].message == "Field required"
+    duplicate = problems["nodes[0].rules[1].id"]
+    assert duplicate.line == 13
+    assert "duplicate id 'audit' (also mesh-wide rule mesh.rules[0])" in duplicate.message
+    assert "redact cannot act at session.error" in problems[
+        "nodes[0].rules[1].action.type"].message

@@ -188,6 +188,11 @@ class AgentLoop:
             args = json.loads(raw) if raw.strip() else {}
             if not isinstance(args, dict):
                 raise ValueError("arguments must be a JSON object")
+        except RecursionError:
+            reason = (f"error: the arguments of {name} are nested too deeply; send one flat "
+                      "JSON object")
+            tasks.refuse_call(task, call_id, name, raw, reason)
+            return reason, 1
         except ValueError as exc:
             reason = (f"error: the arguments of {name} are not valid JSON ({exc}); send one "
                       "JSON object")

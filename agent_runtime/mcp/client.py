@@ -1,4 +1,7 @@
-"""MCP servers attached to the node at run time; their tools join the registry as NAME__TOOL.
+"""One attached MCP server, through the official SDK: its session, its tools, its calls.
+
+This module imports the SDK, which takes most of a second; `servers` loads it on the first
+attach, never at node start.
 
 Each server lives in one asyncio task that holds the SDK's transport and session contexts:
 they are anyio task groups, which the task that enters them must also leave. Tool calls reach
@@ -12,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Literal, Self
+from typing import Any, AsyncIterator, Callable, Literal, Self
 
 import httpx2
 import structlog
@@ -23,31 +25,20 @@ from mcp import ClientSession, StdioServerParameters, stdio_client, types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from mesh.errors import BadRequest, Conflict, NotFound, ToolError
+from mesh.errors import BadRequest, ToolError
 from mesh.models import McpServerDecl, McpServerInfo, McpServerStatus
 
-from ..tools import JsonArgs, Tool, ToolContext
+from .servers import tool_name
 
-if TYPE_CHECKING:
-    from ..node import Node
-
-__all__ = ["McpConnection", "McpServers", "tool_name"]
+__all__ = ["McpConnection", "render_result"]
 
 log = structlog.get_logger("agent_runtime.mcp")
 
-# Model providers accept function names of at most 64 of these characters.
-TOOL_NAME_MAX = 64
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 STDERR_TAIL_CHARS = 500
 # Closing waits this long for the SDK's own shutdown (a stdio server gets 2s, then SIGTERM and
 # SIGKILL 2s apart) before the holding task is cancelled.
 CLOSE_TIMEOUT_S = 10.0
 CLIENT_INFO = types.Implementation(name="peermesh", version="0.1.0")
-
-
-def tool_name(server: str, tool: str) -> str:
-    """The node's name for `tool` of `server`: namespaced, and safe for model providers."""
-    return _UNSAFE.sub("_", f"{server}__{tool}")[:TOOL_NAME_MAX]
 
 
 class _EofWatch:
@@ -247,95 +238,6 @@ class McpConnection:
         if result.is_error:
             raise ToolError(text or f"{tool.name} failed without saying why")
         return text
-
-
-class McpServers:
-    """The MCP servers attached to a node, by name."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self._servers: dict[str, McpConnection] = {}
-
-    def owns(self, tool: str) -> bool:
-        """Whether `tool` came from an attached server."""
-        return any(tool in server.tools for server in self._servers.values())
-
-    def list(self) -> list[McpServerInfo]:
-        return [self._servers[name].info() for name in sorted(self._servers)]
-
-    def get(self, name: str) -> McpServerInfo:
-        return self._find(name).info()
-
-    async def start(self) -> None:
-        """Attach the servers the node was started with; one that fails is only logged."""
-        async def attach(decl: McpServerDecl) -> None:
-            try:
-                await self.attach(decl)
-            except Exception as exc:
-                log.warning("mcp.attach_failed", server=decl.name, reason=str(exc))
-
-        await asyncio.gather(*(attach(decl) for decl in self.node.config.mcp_servers))
-
-    async def attach(self, decl: McpServerDecl) -> McpServerInfo:
-        if decl.name in self._servers:
-            raise Conflict(f"an mcp server named {decl.name!r} is already attached",
-                           details={"field": "name", "name": decl.name})
-        cwd = self.node.workspace.resolve(decl.cwd or ".")
-        log_file = self.node.config.logs_dir / "mcp" / f"{decl.name}.log"
-        server = McpConnection(decl, cwd, log_file)
-        # Held under its name while it starts, so a second attach of the name is refused.
-        self._servers[decl.name] = server
-        try:
-            await server.open()
-            self._register(server)
-        except BaseException:
-            self._servers.pop(decl.name, None)
-            await server.close()
-            raise
-        log.info("mcp.attached", server=decl.name, transport=server.transport,
-                 tools=len(server.tools))
-        return server.info()
-
-    async def detach(self, name: str) -> McpServerInfo:
-        server = self._find(name)
-        del self._servers[name]
-        for tool in server.tools:
-            self.node.tools.remove(tool)
-        await server.close()
-        log.info("mcp.detached", server=name)
-        return server.info()
-
-    async def close(self) -> None:
-        await asyncio.gather(*(self.detach(name) for name in list(self._servers)),
-                             return_exceptions=True)
-
-    def _find(self, name: str) -> McpConnection:
-        try:
-            return self._servers[name]
-        except KeyError:
-            raise NotFound(f"no mcp server {name!r}", details={"name": name}) from None
-
-    def _register(self, server: McpConnection) -> None:
-        taken = [name for name in server.tools if name in self.node.tools]
-        if taken:
-            raise Conflict(f"mcp server {server.name!r} brings tools the node already has: "
-                           f"{', '.join(taken)}", details={"field": "name", "tools": taken})
-        for name, tool in server.tools.items():
-            self.node.tools.add(_proxy(server, name, tool))
-
-
-def _proxy(server: McpConnection, name: str, tool: types.Tool) -> Tool:
-    async def handler(ctx: ToolContext, args: JsonArgs) -> str:
-        return await server.call(name, args.model_dump())
-
-    description = tool.description or tool.title or tool.name
-    return Tool(
-        name=name, description=f"[mcp server {server.name}] {description}",
-        # Some providers refuse an object schema without `properties`.
-        args_model=JsonArgs, handler=handler, json_schema={"properties": {}, **tool.input_schema},
-        # What a foreign tool does is unknown: it may write and run anything.
-        reads=True, writes=True, executes=True,
-    )
 
 
 def render_result(result: types.CallToolResult) -> str:

@@ -3,7 +3,11 @@
 The SDK's session manager speaks the streamable HTTP transport (every protocol revision it
 knows); it is an ASGI app, and `serve_asgi` hands it aiohttp's requests at /mcp, behind the
 node's bearer auth. It runs stateless with plain JSON answers: each POST carries a whole
-exchange, so nothing is kept between requests.
+exchange, so nothing is kept between requests, and a GET (a stream for messages the server
+starts) is refused with 405, as the transport allows: a stateless server has none to send.
+
+The SDK takes most of a second to import: it is imported, and the manager started, on the
+first request to /mcp, never at node start.
 """
 
 from __future__ import annotations
@@ -13,17 +17,17 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, MutableMapping
 
 import structlog
 from aiohttp import web
-from mcp import types
-from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel import Server
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
-from mesh.errors import MeshError, ToolError
+from mesh.errors import MeshError, ToolError, Unavailable
 
 from ..tasks import render_output, to_jsonable
 from ..tools import Tool, ToolContext
 
 if TYPE_CHECKING:
+    from mcp import types
+    from mcp.server.context import ServerRequestContext
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
     from ..node import Node
 
 __all__ = ["McpEndpoint", "serve_asgi"]
@@ -42,38 +46,61 @@ class McpEndpoint:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.server: Server[Any] = Server(
-            f"peermesh-{node.config.name}", version="0.1.0",
-            instructions="The tools of a peermesh node: a computer with a workspace folder.",
-            on_list_tools=self._list_tools, on_call_tool=self._call_tool,
-        )
-        self.manager = StreamableHTTPSessionManager(self.server, stateless=True,
-                                                    json_response=True)
+        self._manager: StreamableHTTPSessionManager | None = None
+        self._starting = asyncio.Lock()
         self._running = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="mcp-endpoint")
-        ready = asyncio.ensure_future(self._running.wait())
-        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if self._task.done():
-            await self._task
+        """Nothing to do at node start: the endpoint starts with its first request."""
 
     async def close(self) -> None:
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self) -> None:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            # The transport lets a server without server-initiated messages refuse the GET
+            # stream; accepting it would hold the connection open with nothing ever to say.
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": None, "error": {
+                    "code": -32600, "message": "Method Not Allowed: this server is stateless "
+                    "and sends no messages of its own; POST requests to /mcp"}},
+                status=405, headers={"Allow": "POST"})
+        manager = await self._manager_running()
+        return await serve_asgi(manager.handle_request, request)
+
+    async def _manager_running(self) -> StreamableHTTPSessionManager:
+        async with self._starting:
+            if self._manager is None:
+                sdk = await _load_sdk()
+                if self._stop.is_set():
+                    raise Unavailable("the node is shutting down")
+                server = sdk.Server(
+                    f"peermesh-{self.node.config.name}", version="0.1.0",
+                    instructions="The tools of a peermesh node: a computer with a workspace "
+                    "folder.",
+                    on_list_tools=self._list_tools, on_call_tool=self._call_tool,
+                )
+                manager = sdk.StreamableHTTPSessionManager(server, stateless=True,
+                                                           json_response=True)
+                self._task = asyncio.create_task(self._run(manager), name="mcp-endpoint")
+                ready = asyncio.ensure_future(self._running.wait())
+                await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if self._task.done():
+                    await self._task
+                self._manager = manager
+                log.info("mcp.endpoint_started")
+            return self._manager
+
+    async def _run(self, manager: StreamableHTTPSessionManager) -> None:
         # The manager's task group must be entered and left by one task: this one.
-        async with self.manager.run():
+        async with manager.run():
             self._running.set()
             await self._stop.wait()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        return await serve_asgi(self.manager.handle_request, request)
 
     def tools(self) -> list[Tool]:
         # Proxied tools stay out: two nodes attached to each other would offer them in a loop.
@@ -83,6 +110,8 @@ class McpEndpoint:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
+        from mcp import types
+
         return types.ListToolsResult(tools=[
             types.Tool(name=tool.name, description=tool.description,
                        input_schema=tool.schema()["function"]["parameters"])
@@ -92,6 +121,8 @@ class McpEndpoint:
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
+        from mcp import types
+
         tools = {tool.name: tool for tool in self.tools()}
         tool = tools.get(params.name)
         if tool is None:
@@ -111,8 +142,26 @@ class McpEndpoint:
 
 
 def _error(message: str) -> types.CallToolResult:
+    from mcp import types
+
     # A tool's failure is a result the model reads, not a protocol error (MCP spec, tools).
     return types.CallToolResult(content=[types.TextContent(text=message)], is_error=True)
+
+
+class _Sdk:
+    """The few SDK names the endpoint needs, imported on first use."""
+
+    def __init__(self) -> None:
+        from mcp.server.lowlevel import Server
+        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+        self.Server = Server
+        self.StreamableHTTPSessionManager = StreamableHTTPSessionManager
+
+
+async def _load_sdk() -> _Sdk:
+    # In a worker thread: the import takes most of a second, and the node serves meanwhile.
+    return await asyncio.to_thread(_Sdk)
 
 
 async def serve_asgi(app: AsgiApp, request: web.Request) -> web.StreamResponse:

@@ -15,9 +15,10 @@ unless the request sets one). Any other id is a 404 `model_not_found`.
 
 Errors here take OpenAI's shape, {"error": {"message", "type", "param", "code"}}, not the
 node's, because every caller is an OpenAI client. A provider's refusal keeps its status (400,
-429 with its Retry-After, 5xx); a provider that refuses this node's own credentials is a 502,
-since the caller's key was good. Missing or wrong keys are refused by the node's auth
-middleware in the node's shape, which OpenAI clients read the same way (error.message).
+429 with its Retry-After, 502-504); its other faults (a 500, no connection, this node's own
+credentials refused) are a 502, since neither the caller nor the gateway was at fault.
+Missing or wrong keys are refused by the node's auth middleware in the node's shape, which
+OpenAI clients read the same way (error.message).
 
 Keys and usage live in memory only: a restarted parent has no children left to serve.
 """
@@ -212,9 +213,12 @@ class Gateway:
             kwargs["api_key"] = config.api_key or "unused"
         return kwargs
 
-    def count(self, owner: str | None, usage: Any) -> None:
-        """Add a provider's usage object (prompt and completion tokens) to the owner's."""
-        record = self.usage_of(owner)
+    def count(self, record: GatewayUsage, usage: Any) -> None:
+        """Add a provider's usage object (prompt and completion tokens) to a caller's record.
+
+        The record is taken when the request comes in: a child's key may be renamed or
+        revoked while its request runs, and what it used still counts.
+        """
         prompt = getattr(usage, "prompt_tokens", 0) or 0
         completion = getattr(usage, "completion_tokens", 0) or 0
         record.prompt_tokens += prompt
@@ -242,8 +246,24 @@ def _cost(model: str, prompt_tokens: int, completion_tokens: int) -> float:
         return 0.0
 
 
+def _unreachable(exc: BaseException, litellm: Any) -> bool:
+    """Whether the provider was never reached: litellm reports a refused connection as an
+    InternalServerError, with the connection error only in the chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (litellm.APIConnectionError, ConnectionError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _provider_error(exc: Exception) -> GatewayError:
-    """A litellm exception as the OpenAI-style error the caller gets, with a fitting status."""
+    """A litellm exception as the OpenAI-style error the caller gets, with a fitting status.
+
+    A provider's own 500 becomes a 502: a 500 from the gateway would say the gateway failed.
+    """
     litellm = _import_litellm()
     reason = str(exc).split("\n")[0][:500] or type(exc).__name__
     status = getattr(exc, "status_code", None)
@@ -252,15 +272,15 @@ def _provider_error(exc: Exception) -> GatewayError:
     if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):
         return GatewayError(502, f"the provider refused this node's credentials: {reason}",
                             kind="server_error", code="provider_auth_failed")
-    if isinstance(exc, litellm.APIConnectionError) or not isinstance(status, int) or not (
-        400 <= status <= 599
-    ):
+    if _unreachable(exc, litellm) or not isinstance(status, int) or not 400 <= status <= 599:
         return GatewayError(502, reason, kind="server_error", code="provider_unreachable")
     if status == 429:
         return GatewayError(429, reason, kind="rate_limit_error", code="rate_limit_exceeded",
                             retry_after=_retry_after(exc))
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return GatewayError(status, reason, kind=kind, code="provider_error")
+    if status >= 500:
+        return GatewayError(status if status in (502, 503, 504) else 502, reason,
+                            kind="server_error", code="provider_error")
+    return GatewayError(status, reason, kind="invalid_request_error", code="provider_error")
 
 
 async def _read_request(request: web.Request) -> ChatRequest:
@@ -268,6 +288,9 @@ async def _read_request(request: web.Request) -> ChatRequest:
         data = json.loads(await request.read() or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GatewayError(400, f"malformed JSON body: {exc}",
+                           kind="invalid_request_error") from exc
+    except RecursionError as exc:
+        raise GatewayError(400, "malformed JSON body: nested too deeply",
                            kind="invalid_request_error") from exc
     if not isinstance(data, dict):
         raise GatewayError(400, "request body must be a JSON object",
@@ -307,7 +330,7 @@ async def _chunks(stream: Any, idle_timeout_s: float) -> AsyncIterator[Any]:
 
 
 async def _send_stream(
-    gateway: Gateway, request: web.Request, owner: str | None, kwargs: dict[str, Any],
+    gateway: Gateway, request: web.Request, record: GatewayUsage, kwargs: dict[str, Any],
     wants_usage: bool,
 ) -> web.StreamResponse:
     """Server-sent chunks as OpenAI sends them, ending with `data: [DONE]`."""
@@ -326,14 +349,14 @@ async def _send_stream(
         await response.prepare(request)
         try:
             if first is not None:
-                await _send_chunk(gateway, response, owner, first, wants_usage)
+                await _send_chunk(gateway, response, record, first, wants_usage)
             async for chunk in chunks:
-                await _send_chunk(gateway, response, owner, chunk, wants_usage)
+                await _send_chunk(gateway, response, record, chunk, wants_usage)
         except (ConnectionResetError, web.HTTPException):
             raise
         except Exception as exc:
             error = _provider_error(exc)
-            log.info("gateway.stream_failed", owner=owner, error=error.message)
+            log.info("gateway.stream_failed", error=error.message)
             await response.write(f"data: {json.dumps(error.body())}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -344,12 +367,12 @@ async def _send_stream(
 
 
 async def _send_chunk(
-    gateway: Gateway, response: web.StreamResponse, owner: str | None, chunk: Any,
+    gateway: Gateway, response: web.StreamResponse, record: GatewayUsage, chunk: Any,
     wants_usage: bool,
 ) -> None:
     usage = getattr(chunk, "usage", None)
     if usage:
-        gateway.count(owner, usage)
+        gateway.count(record, usage)
     # The usage-only chunk goes out only to a caller that asked for it, as OpenAI does.
     if chunk.choices or wants_usage:
         await response.write(f"data: {chunk.model_dump_json()}\n\n".encode())
@@ -360,17 +383,18 @@ async def _complete(
 ) -> web.StreamResponse:
     """Forward one request to the provider; its faults become OpenAI-style errors."""
     kwargs = gateway.provider_kwargs(body)
-    gateway.usage_of(owner).requests += 1
+    record = gateway.usage_of(owner)
+    record.requests += 1
     try:
         if body.stream:
             wants_usage = bool((body.stream_options or {}).get("include_usage"))
-            return await _send_stream(gateway, request, owner, kwargs, wants_usage)
+            return await _send_stream(gateway, request, record, kwargs, wants_usage)
         result = await (await _litellm()).acompletion(**kwargs)
     except (ConnectionResetError, web.HTTPException):
         raise
     except Exception as exc:
         raise _provider_error(exc) from exc
-    gateway.count(owner, getattr(result, "usage", None))
+    gateway.count(record, getattr(result, "usage", None))
     return web.json_response(text=result.model_dump_json())
 
 

@@ -40,8 +40,9 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_get(prefix, list_servers)
     app.router.add_get(f"{prefix}/{{name}}", get_server)
     app.router.add_delete(f"{prefix}/{{name}}", detach)
-    # The streamable HTTP transport: POST carries messages, GET opens a stream, DELETE ends
-    # a session; the SDK answers each (stateless, it refuses the last two).
+    # The streamable HTTP transport: POST carries messages, GET would open a stream for the
+    # server's own messages, DELETE ends a session. Stateless, the endpoint refuses the last
+    # two with 405 (GET itself, DELETE through the SDK).
     for method in ("POST", "GET", "DELETE"):
         app.router.add_route(method, "/mcp", endpoint)
 
