@@ -310,7 +310,6 @@ def live(tmp_path_factory: pytest.TempPathFactory,
           - name: writer
             model: openai/scripted
             api_base: {model.api_base}
-            env: {{MESH_API_KEY: scripted}}
             instructions: Always answer in French.
         """)
     up = shell("--json", "up", "team.yaml")
@@ -455,7 +454,7 @@ PIPELINE = """\
         fan_out:
           over:
             fine: echo all good
-            broken: echo about to fail; exit 7
+            broken: echo about to fail > verdict.txt; exit 7
         steps:
           - tool: terminal_exec
             args: {{command: "{{item}}"}}
@@ -465,6 +464,9 @@ PIPELINE = """\
         steps:
           - tool: terminal_exec
             args: {{command: "echo published"}}
+    outputs:
+      files:
+        - {{node: checker-2, path: verdict.txt, to: out/verdict.txt}}
     """
 
 
@@ -483,6 +485,8 @@ def test_run_reports_each_branch_isolates_the_failing_one_and_leaves_nothing(
     assert re.match(r" +FAIL checks\[broken\] +checker-2 +[\d.]+s  task failed: .*exited with 7",
                     report[5])
     assert report[6] == "skip publish: needs checks, which failed"
+    assert report[7] == "output: out/verdict.txt"
+    assert (sh.cwd / "out" / "verdict.txt").read_text() == "about to fail\n"
     assert "[checks[broken]] failed" in done.stderr
     assert sh.leftovers() == [] and sh.processes() == []
 
@@ -491,7 +495,7 @@ def test_run_exits_0_when_every_task_succeeds_and_keep_leaves_the_mesh_up(sh: Sh
     write(sh.cwd, "pipeline.yaml", PIPELINE.format(name=f"keep-{secrets.token_hex(3)}"))
 
     done = sh("--json", "run", "pipeline.yaml", "--keep",
-              "--set", "tasks.checks.fan_out.over.broken=echo fixed")
+              "--set", "tasks.checks.fan_out.over.broken=echo fixed | tee verdict.txt")
     kept = sh.json("ps")
     down = sh("down", "pipeline.yaml")
 
@@ -501,11 +505,38 @@ def test_run_exits_0_when_every_task_succeeds_and_keep_leaves_the_mesh_up(sh: Sh
     assert [(b["name"], b["status"], b["node"]) for b in report["tasks"][1]["branches"]] == [
         ("checks[fine]", "succeeded", "checker-1"), ("checks[broken]", "succeeded", "checker-2")]
     assert report["tasks"][1]["branches"][1]["result"][0]["stdout"] == "fixed\n"
+    assert report["outputs"] == ["out/verdict.txt"]
     assert sorted(row["node"] for row in kept) == ["checker-1", "checker-2"]
     assert all(row["state"] == "up" for row in kept)
     assert down.returncode == 0 and down.stdout.startswith("removed keep-")
     assert sh.leftovers() == [] and sh.processes() == []
     assert sh("down").stdout == "no meshes are up\n"
+
+
+def test_the_review_topology_runs_its_reviewers_on_a_model_in_parallel(
+        sh: Shell, model: ScriptedModelServer) -> None:
+    project = sh.cwd / "project"
+    project.mkdir()
+    (project / "app.py").write_text("def add(a, b):\n    return a - b\n")
+    model.requests.clear()
+    model.add(*[Turn(text="Summary: add() subtracts. High: app.py:2 returns a - b.")] * 3)
+
+    done = sh("--json", "run", str(ROOT / "topologies" / "review-fanout.yaml"),
+              "--set", f"mesh.name=review-{secrets.token_hex(3)}",
+              "--set", f"mesh.workspace.path={project}",
+              "--set", "mesh.model=openai/scripted", "--set", f"mesh.api_base={model.api_base}")
+
+    assert done.returncode == 0, done.stderr
+    [review] = json.loads(done.stdout)["tasks"]
+    assert [(b["name"], b["status"]) for b in review["branches"]] == [
+        ("review[security]", "succeeded"), ("review[tests]", "succeeded"),
+        ("review[style]", "succeeded")]
+    assert all("app.py:2" in b["result"] for b in review["branches"])
+    # Each reviewer asked the model once, with its own node's instructions.
+    prompts = [request["messages"][0]["content"] for request in model.requests]
+    for specialty in ("security reviewer", "test reviewer", "maintainability reviewer"):
+        assert sum(specialty in prompt for prompt in prompts) == 1, prompts
+    assert sh.leftovers() == [] and sh.processes() == []
 
 
 def test_ctrl_c_during_run_stops_every_node_and_leaves_nothing_behind(sh: Shell) -> None:
