@@ -345,11 +345,12 @@ def test_cp_copies_a_file_to_a_node_and_back(live: Shell) -> None:
     (live.cwd / "notes.txt").write_text("kept by peers\n")
     (live.cwd / "back").mkdir(exist_ok=True)
 
-    there = live("cp", "notes.txt", "worker:docs/notes.txt")
+    there = live.json("cp", "notes.txt", "worker:docs/notes.txt")
     back = live("cp", "worker:docs/notes.txt", "back")
     missing = live("cp", "worker:docs/absent.txt", "back")
 
-    assert there.returncode == 0 and back.returncode == 0, there.stderr + back.stderr
+    assert there["path"] == "docs/notes.txt" and there["size"] == 14
+    assert back.returncode == 0 and back.stdout == "worker:docs/notes.txt -> back/notes.txt\n"
     assert (live.cwd / "back" / "notes.txt").read_text() == "kept by peers\n"
     assert live("exec", "worker", "cat docs/notes.txt").stdout == "kept by peers\n"
     assert missing.returncode == 2
@@ -398,6 +399,8 @@ def test_tail_replays_a_task_and_follows_a_node_until_interrupted(live: Shell) -
         task_id = live("task", "worker", "--steps", str(steps), "--detach").stdout.strip()
         wait_for_line(follower.stdout, "exit 0: followed")
         replay = live("tail", "worker", task_id)
+        events = [json.loads(line) for line in
+                  live("--json", "tail", "worker", task_id).stdout.splitlines()]
     finally:
         os.killpg(follower.pid, signal.SIGINT)
         follower.communicate(timeout=30)
@@ -405,6 +408,8 @@ def test_tail_replays_a_task_and_follows_a_node_until_interrupted(live: Shell) -
     assert replay.returncode == 0
     assert "<- terminal_exec ok exit 0: followed" in replay.stdout
     assert replay.stdout.splitlines()[-1].endswith("task.completed")
+    assert {event["task_id"] for event in events} == {task_id}
+    assert [event["type"] for event in events][-1] == "task.completed"
     assert follower.returncode == 130
 
 
@@ -413,10 +418,10 @@ def test_snapshot_and_restore_bring_the_workspace_back(live: Shell) -> None:
 
     taken = live.json("snapshot", "worker", "--alias", "before-change")
     live("exec", "worker", "echo v2 > state.txt; touch stray.txt")
-    restored = live("restore", "worker", "before-change")
+    restored = live.json("restore", "worker", "before-change")
     unknown = live("restore", "worker", "no-such-snapshot")
 
-    assert restored.returncode == 0 and restored.stdout == f"restored {taken['id']}\n"
+    assert restored["id"] == taken["id"] and restored["alias"] == "before-change"
     assert live("exec", "worker", "cat state.txt; test ! -e stray.txt").stdout == "v1\n"
     assert unknown.returncode == 2
     assert unknown.stderr == "mesh: worker: no snapshot with id or alias 'no-such-snapshot'\n"
@@ -497,7 +502,7 @@ def test_run_exits_0_when_every_task_succeeds_and_keep_leaves_the_mesh_up(sh: Sh
     done = sh("--json", "run", "pipeline.yaml", "--keep",
               "--set", "tasks.checks.fan_out.over.broken=echo fixed | tee verdict.txt")
     kept = sh.json("ps")
-    down = sh("down", "pipeline.yaml")
+    down = sh.json("down", "pipeline.yaml")
 
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -508,7 +513,7 @@ def test_run_exits_0_when_every_task_succeeds_and_keep_leaves_the_mesh_up(sh: Sh
     assert report["outputs"] == ["out/verdict.txt"]
     assert sorted(row["node"] for row in kept) == ["checker-1", "checker-2"]
     assert all(row["state"] == "up" for row in kept)
-    assert down.returncode == 0 and down.stdout.startswith("removed keep-")
+    assert down == {"removed": [kept[0]["mesh"]]}
     assert sh.leftovers() == [] and sh.processes() == []
     assert sh("down").stdout == "no meshes are up\n"
 
