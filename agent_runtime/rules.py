@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
-import yaml
 from pydantic import BaseModel
 from tenacity import (
     AsyncRetrying,
@@ -114,6 +113,9 @@ def load_rules(config: NodeConfig) -> list[Rule]:
 
 def _read_rules_file(path: Path) -> Any:
     """A YAML or JSON list of rules, or a mapping whose `rules` key holds one."""
+    # Imported here: only a node with a rules file needs YAML, and it costs start time.
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import socket
 from pathlib import Path
@@ -270,6 +271,37 @@ async def test_a_childs_key_stops_working_once_the_child_is_stopped(
     assert after.status == 401
     final = await (await parent.get("/api/v1/ai/usage")).json()
     assert final["children"][child["id"]]["active"] is False
+
+
+async def test_a_child_that_dies_on_its_own_loses_its_key_once_its_parent_sees_it(
+    parent: TestClient,
+) -> None:
+    response = await parent.post("/api/v1/peers", json={"name": "fragile", "lease_s": 300})
+    assert response.status == 201, await response.text()
+    child = await response.json()
+    key = node_of(parent).gateway.key_for(child["id"])
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+
+    async with Peer(child["url"], child["token"]) as peer:
+        # The command's parent process is the child node itself.
+        await peer.submit(steps=[{"tool": "terminal_exec",
+                                  "args": {"command": "kill -9 $PPID"}}])
+
+    async def ended() -> dict[str, Any]:
+        while True:
+            seen = await (await parent.get(f"/api/v1/peers/{child['id']}")).json()
+            if seen["state"] not in ("starting", "running"):
+                return dict(seen)
+            await asyncio.sleep(0.02)
+
+    seen = await asyncio.wait_for(ended(), 30)
+    after = await parent.post("/api/v1/ai/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {key}"})
+
+    assert seen["state"] in ("crashed", "exited")
+    assert after.status == 401
+    usage = (await (await parent.get("/api/v1/ai/usage")).json())["children"]
+    assert usage[child["id"]]["active"] is False
 
 
 async def test_a_fan_out_child_gets_a_key_of_its_own_that_ends_with_its_node(

@@ -371,6 +371,28 @@ async def test_block_at_session_start_fails_the_task_with_the_reason(
     assert not (workspace / "made.txt").exists()
 
 
+async def test_a_disabled_rule_never_fires_and_a_mode_filter_spares_other_modes(
+    client: TestClient,
+) -> None:
+    await put_rules(client, [
+        {"id": "off", "enabled": False, "trigger": {"event": "session.start"},
+         "action": {"type": "block", "reason": "everything is frozen"}},
+        {"id": "code-frozen", "trigger": {"event": "session.start", "mode": "code"},
+         "action": {"type": "block", "reason": "code changes are frozen"}},
+    ])
+
+    debug = await submit(client, mode="debug", steps=[exec_step("true")])
+    debug_task = await wait_final(client, debug)
+    code = await submit(client, mode="code", steps=[exec_step("true")])
+    code_task = await wait_final(client, code)
+
+    assert debug_task["status"] == "completed", debug_task["error"]
+    assert code_task["error"] == "blocked by rule code-frozen: code changes are frozen"
+    fired = [e["data"]["rule"] for task_id in (debug, code)
+             for e in stored_events(client, task_id) if e["type"] == "rule.fired"]
+    assert fired == ["code-frozen"]
+
+
 async def test_set_params_overrides_the_model_settings_of_each_turn(
     agent_client: TestClient, scripted: ScriptedModelServer
 ) -> None:
@@ -683,6 +705,16 @@ def test_broken_rules_file_stops_the_node_naming_file_and_rule(tmp_path: Path) -
     assert process.returncode == 2
     assert f"rules file {rules_file}: rules[1].trigger.event" in process.stderr
     assert "Traceback" not in process.stderr
+
+
+def test_a_rules_file_that_is_not_text_is_a_config_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    rules_file = tmp_path / "rules.bin"
+    rules_file.write_bytes(b"\xff\xfe\x00rules")
+
+    with pytest.raises(ConfigError, match=f"rules file {rules_file}: not UTF-8 text"):
+        build_app(make_config(tmp_path, rules_file=rules_file))
 
 
 def test_mesh_rules_variable_is_read_and_bad_json_is_a_config_error(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mesh.client import Peer
 from mesh.errors import ApiError, BadRequest, NotFound, SpawnError, ToolError, Unavailable
 from mesh.fanout import Assignment, fan_out
-from mesh.models import Mode, NodeInfo, NodeSpec, Step
+from mesh.models import Mode, NodeInfo, NodeSpec, NodeState, Step
 
 from ..http import json_response, read_model
 from ..tasks import cut
@@ -167,6 +167,9 @@ class Peers:
         if info.id not in self.children:
             return info
         current = await self.spawner().status(info.id)
+        if current.state not in (NodeState.STARTING, NodeState.RUNNING):
+            # A child that ended on its own is stopped too: its gateway key goes with it.
+            self.node.gateway.revoke(info.id)
         return current.model_copy(update={"token": info.token})
 
     def find(self, ref: str) -> NodeInfo:
