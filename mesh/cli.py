@@ -353,8 +353,9 @@ async def cmd_down(args: argparse.Namespace, out: Output) -> int:
 
     removed = await down(file=Path(args.file) if args.file else None,
                          mesh=args.mesh, everything=args.all, progress=out.line)
-    out.data({"removed": removed}, f"removed {', '.join(removed)}" if removed
-             else "no meshes are up")
+    asked = args.mesh or (args.file and Path(args.file).name)
+    nothing = f"nothing of {asked} was up" if asked else "no meshes are up"
+    out.data({"removed": removed}, f"removed {', '.join(removed)}" if removed else nothing)
     return EXIT_OK
 
 

@@ -518,7 +518,10 @@ async def supervise(file: Path, overrides: Sequence[str]) -> int:
 
 async def down(*, file: Path | None = None, mesh: str | None = None, everything: bool = False,
                progress: Progress) -> list[str]:
-    """`mesh down`: stop a mesh's supervisor, then remove anything of it by label and record."""
+    """`mesh down`: stop a mesh's supervisor, then remove anything of it by label and record.
+
+    Returns the meshes of which something was found and removed.
+    """
     if everything:
         names = sorted({ctx.mesh for ctx in list_contexts()})
     elif file is not None:
@@ -533,9 +536,12 @@ async def down(*, file: Path | None = None, mesh: str | None = None, everything:
                               f"(up: {known})")
         names = [ctx.mesh for ctx in contexts]
 
+    removed = []
     for name in names:
+        found = False
         with contextlib.suppress(ConfigError):
             ctx = load_context(name)
+            found = True
             if ctx.supervisor_pid and _alive(ctx.supervisor_pid):
                 progress(f"stopping mesh {name}")
                 os.kill(ctx.supervisor_pid, signal.SIGTERM)
@@ -545,9 +551,11 @@ async def down(*, file: Path | None = None, mesh: str | None = None, everything:
                     await asyncio.sleep(0.1)
         remove_context(name)
         # Whatever the supervisor did not stop (it may have been killed) goes by label.
-        await reap(name)
+        report = await reap(name)
         _remove_files(name, log_too=True)
-    return names
+        if found or report.containers or report.networks or report.processes:
+            removed.append(name)
+    return removed
 
 
 async def mesh_status(mesh: str | None) -> list[dict[str, Any]]:
