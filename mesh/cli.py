@@ -51,6 +51,8 @@ class CliError(MeshError):
 
 
 class Output:
+    """Results on stdout (as JSON with --json), progress on stderr (silent with --json)."""
+
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
 
