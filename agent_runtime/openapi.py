@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from mesh import models
+from mesh import models, rules
 
 __all__ = ["build_openapi"]
 
@@ -54,6 +54,24 @@ _OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] |
     ("get", "/api/v1/agent/tasks/{task_id}/events", "A task's events (SSE)", None, None),
     ("get", "/api/v1/agent/ws", "All events, live (WebSocket; after=SEQ, task_id=)", None,
      None),
+    ("get", "/api/v1/agent/rules", "The node's rules", None, rules.RuleSet),
+    ("put", "/api/v1/agent/rules", "Replace every rule (400 names each bad field)",
+     rules.RuleSet, rules.RuleSet),
+    ("post", "/api/v1/agent/tasks/{task_id}/approve", "Approve a call waiting for approval "
+     "({call_id?})", None, None),
+    ("post", "/api/v1/agent/tasks/{task_id}/deny", "Deny a call waiting for approval "
+     "({call_id?, reason?})", None, None),
+    ("post", "/api/v1/agent/mcp/servers", "Attach an MCP server (stdio command or URL)",
+     models.McpServerDecl, models.McpServerInfo),
+    ("get", "/api/v1/agent/mcp/servers", "Attached MCP servers with their status", None, None),
+    ("get", "/api/v1/agent/mcp/servers/{name}", "One MCP server", None, models.McpServerInfo),
+    ("delete", "/api/v1/agent/mcp/servers/{name}", "Detach an MCP server", None,
+     models.McpServerInfo),
+    ("post", "/mcp", "The node's own tools as an MCP server (streamable HTTP)", None, None),
+    ("post", "/api/v1/ai/chat/completions", "OpenAI-compatible chat completions through "
+     "this node's model (stream too)", None, None),
+    ("get", "/api/v1/ai/models", "Model ids the gateway serves", None, None),
+    ("get", "/api/v1/ai/usage", "Gateway usage: this node's and each child's", None, None),
 ]
 
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -181,7 +181,13 @@ def _substitute(value: V, pattern: re.Pattern[str], replacement: str) -> tuple[V
         return text, count  # type: ignore[return-value]
     if isinstance(value, BaseModel):
         data, count = _substitute(value.model_dump(), pattern, replacement)
-        return (type(value).model_validate(data) if count else value), count
+        if not count:
+            return value, 0
+        try:
+            return type(value).model_validate(data), count
+        except ValidationError:
+            # The replacement broke a constraint of the model; its data, redacted, will do.
+            return data, count  # type: ignore[return-value]
     if isinstance(value, dict):
         pairs = [(key, _substitute(item, pattern, replacement)) for key, item in value.items()]
         found = {key: item for key, (item, _) in pairs}

@@ -50,6 +50,7 @@ __all__ = [
     "RequireApproval",
     "Rule",
     "RuleError",
+    "RuleSet",
     "SetParams",
     "Trigger",
     "Webhook",
@@ -250,6 +251,12 @@ class Rule(_Strict):
 
     def targets(self) -> list[str]:
         return list(self.action.targets or []) if isinstance(self.action, Redact) else []
+
+
+class RuleSet(BaseModel):
+    """Every rule of a node: the body of PUT /api/v1/agent/rules and the answer of GET."""
+
+    rules: list[Rule]
 
 
 def _problems(rule: Rule) -> list[tuple[Loc, str]]:

@@ -139,6 +139,26 @@ async def test_a_malformed_request_is_a_400_naming_the_field(agent_client: TestC
     assert error["param"] == "messages"
 
 
+@pytest.mark.parametrize(("message", "param", "words"), [
+    ({"role": "robot", "content": "hi"}, "messages.0.role", "Input should be 'system'"),
+    ({"role": "user", "content": 5}, "messages.0.content", "a string, a list of parts"),
+    ({"role": "user", "content": [{"type": "image_url"}]}, "messages.0.content",
+     "part 0, of type 'image_url', needs a 'image_url' field"),
+])
+async def test_a_malformed_message_is_a_400_before_any_provider_is_asked(
+    agent_client: TestClient, scripted: ScriptedModelServer, message: dict[str, Any],
+    param: str, words: str,
+) -> None:
+    response = await agent_client.post(
+        "/api/v1/ai/chat/completions", json={"model": "default", "messages": [message]}
+    )
+
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["param"] == param and words in error["message"]
+    assert scripted.requests == []
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_provider_rate_limit_reaches_the_caller_as_429_with_its_retry_after(
     ai: openai.AsyncOpenAI, scripted: ScriptedModelServer, stream: bool

@@ -511,6 +511,19 @@ async def test_duplicate_rule_ids_are_refused(client: TestClient) -> None:
                          "message": "duplicate id 'same' (also rules[0])"}]
 
 
+async def test_openapi_document_describes_the_rule_schema_and_the_mcp_and_model_routes(
+    client: TestClient,
+) -> None:
+    document = await (await client.get("/api/v1/openapi.json")).json()
+
+    paths, schemas = document["paths"], document["components"]["schemas"]
+    assert {"get", "put"} <= set(paths["/api/v1/agent/rules"])
+    assert "post" in paths["/api/v1/agent/tasks/{task_id}/approve"]
+    assert {"post", "get"} <= set(paths["/api/v1/agent/mcp/servers"])
+    assert "/api/v1/ai/chat/completions" in paths and "/mcp" in paths
+    assert {"Rule", "Trigger", "RequireApproval", "McpServerDecl"} <= set(schemas)
+
+
 # -- webhooks ---------------------------------------------------------------------------------
 
 

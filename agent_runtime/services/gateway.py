@@ -31,11 +31,12 @@ import hmac
 import json
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from mesh.errors import MeshError
 
@@ -55,13 +56,42 @@ USAGE_PATH = PREFIX + "usage"
 ALIAS = "default"
 
 
+class ChatMessage(BaseModel):
+    """A message as litellm needs it to build the provider's request: the rest passes as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        # Checked here because litellm fails on a malformed part as if the provider were down.
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError("content", "must be a string, a list of parts or null")
+        for index, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                raise PydanticCustomError(
+                    "content", "part {index} must be an object with a `type`", {"index": index})
+            if kind not in part:
+                # Every OpenAI part carries its data under its type: {"type": "text", "text": .}
+                raise PydanticCustomError(
+                    "content", "part {index}, of type '{kind}', needs a '{kind}' field",
+                    {"index": index, "kind": kind})
+        return value
+
+
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions parameters the gateway forwards; others are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -197,7 +227,11 @@ class Gateway:
                 f"{', '.join(self.model_ids)}", kind="invalid_request_error",
                 code="model_not_found", param="model",
             )
-        kwargs = request.model_dump(exclude_none=True, exclude={"model", "stream_options"})
+        kwargs = request.model_dump(exclude_none=True,
+                                    exclude={"model", "stream_options", "messages"})
+        # Messages go on as the caller wrote them, explicit nulls included.
+        kwargs["messages"] = [message.model_dump(exclude_unset=True)
+                              for message in request.messages]
         kwargs.update(model=config.model, timeout=config.model_timeout_s,
                       # The caller's client retries; the gateway must not retry underneath.
                       num_retries=0)
