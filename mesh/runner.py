@@ -278,9 +278,13 @@ def _assignment(branch: Branch, nodes: dict[str, NodeInfo]) -> Assignment:
     return Assignment(task=body, node=nodes[branch.node], name=branch.name)
 
 
-async def run_tasks(topology: Topology, nodes: dict[str, NodeInfo],
-                    progress: Progress) -> list[TaskReport]:
-    """Every task once its needs succeeded; a failed task skips what depends on it."""
+async def run_tasks(topology: Topology, nodes: dict[str, NodeInfo], progress: Progress,
+                    spawner: Spawner | None = None) -> list[TaskReport]:
+    """Every task once its needs succeeded; a failed task skips what depends on it.
+
+    With the spawner that started the nodes, a branch whose node died says how it died
+    (crashed with its exit code, removed, OOM-killed) rather than only that it is gone.
+    """
     reports: dict[str, TaskReport] = {}
     running: dict[str, asyncio.Task[TaskReport]] = {}
 
@@ -292,8 +296,8 @@ async def run_tasks(topology: Topology, nodes: dict[str, NodeInfo],
         task = topology.task(task_name)
         branches = expand_task(topology, task)
         outcomes = await fan_out([_assignment(b, nodes) for b in branches],
-                                 limit=max(1, len(branches)), timeout=task.timeout_s,
-                                 on_progress=on_progress)
+                                 spawner=spawner, limit=max(1, len(branches)),
+                                 timeout=task.timeout_s, on_progress=on_progress)
         failed = sum(not o.succeeded for o in outcomes)
         if len(outcomes) == 1:
             reason = "failed" if failed else "succeeded"
@@ -384,7 +388,7 @@ async def run(file: Path, *, overrides: Sequence[str] = (), keep: bool = False,
         spawner = make_spawner(topology, Path(scratch) / "nodes")
         try:
             nodes = await start_nodes(topology, spawner, progress, Path(scratch))
-            reports = await run_tasks(topology, nodes, progress)
+            reports = await run_tasks(topology, nodes, progress, spawner)
             outputs = await fetch_outputs(topology, nodes, progress)
         finally:
             # Shielded: a Ctrl+C that cancelled the run must not cancel the clean-up too.
