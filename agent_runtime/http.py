@@ -17,6 +17,7 @@ __all__ = [
     "auth_middleware",
     "error_middleware",
     "json_response",
+    "parse_json",
     "read_model",
     "validation_message",
 ]
@@ -56,6 +57,16 @@ def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]
     return f"invalid request: {summary}", problems
 
 
+def parse_json(raw: bytes | str, what: str = "body") -> Any:
+    """Decode JSON from a client; every way it can be malformed is a 400 saying how."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"malformed JSON {what}: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest(f"malformed JSON {what}: nested too deeply") from exc
+
+
 async def read_model(request: web.Request, model: type[M]) -> M:
     """Parse the JSON body into `model`, turning every fault into a 4xx naming the field."""
     try:
@@ -64,14 +75,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         raise PayloadTooLarge(
             "request body too large", details={"limit_bytes": request.app._client_max_size}
         ) from exc
-    if not raw.strip():
-        raw = b"{}"
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"malformed JSON body: {exc}") from exc
-    except RecursionError as exc:
-        raise BadRequest("malformed JSON body: nested too deeply") from exc
+    data = parse_json(raw if raw.strip() else b"{}", "body")
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:

@@ -83,3 +83,25 @@ async def test_metrics_count_requests_in_prometheus_text(client: TestClient) -> 
     text = await response.text()
     assert "# TYPE" in text
     assert "exec" in text
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+async def test_deeply_nested_json_is_a_400_on_every_body_reading_route(
+    client: TestClient,
+) -> None:
+    for method, path in (("POST", "/api/v1/terminal/exec"), ("POST", "/api/v1/agent/tasks"),
+                         ("PUT", "/api/v1/peers/book"), ("PUT", "/api/v1/agent/rules"),
+                         ("POST", "/api/v1/agent/mcp/servers")):
+        response = await client.request(method, path, data=NESTED,
+                                        headers={"Content-Type": "application/json"})
+        assert response.status == 400, path
+        assert "nested too deeply" in (await response.json())["error"]["message"], path
+
+
+async def test_terminal_stream_refuses_a_deeply_nested_first_message(client: TestClient) -> None:
+    async with client.ws_connect("/api/v1/terminal/ws") as ws:
+        await ws.send_str(NESTED.decode())
+        message = await ws.receive_json()
+        assert "nested too deeply" in message["error"]["message"]

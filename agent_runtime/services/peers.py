@@ -22,7 +22,7 @@ from mesh.errors import ApiError, BadRequest, NotFound, SpawnError, ToolError, U
 from mesh.fanout import Assignment, fan_out
 from mesh.models import Mode, NodeInfo, NodeSpec, NodeState, Step
 
-from ..http import json_response, read_model
+from ..http import json_response, parse_json, read_model
 from ..tasks import cut
 from ..tools import Tool, ToolContext
 from .gateway import ALIAS as GATEWAY_ALIAS
@@ -273,8 +273,8 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     async def set_book(request: web.Request) -> web.Response:
         """Siblings this node may name in its tasks: {name: {"url", "token"}}."""
+        entries = parse_json(await request.read(), "peer book")
         try:
-            entries = await request.json()
             book = _book(entries)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise BadRequest(

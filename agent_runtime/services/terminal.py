@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import json
 import os
 import secrets
 import signal
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mesh.errors import ApiError, BadRequest, Unavailable
 from mesh.models import ExecRequest, ExecResult
 
-from ..http import json_response, read_model, validation_message
+from ..http import json_response, parse_json, read_model, validation_message
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
 from ..workspace import Workspace
@@ -634,10 +633,7 @@ async def _first_request(ws: web.WebSocketResponse) -> ExecRequest | None:
         return None
     if message.type != WSMsgType.TEXT:
         raise BadRequest("the first message must be a JSON text message holding an ExecRequest")
-    try:
-        data = json.loads(message.data)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON message: {exc}") from exc
+    data = parse_json(message.data, "message")
     if not isinstance(data, dict):
         raise BadRequest("the message must be a JSON object")
     try:
