@@ -15,6 +15,7 @@ from .config import NodeConfig
 from .events import EventBus
 from .mcp import McpEndpoint, McpServers
 from .metrics import Metrics
+from .orphans import OrphanReaper
 from .rules import RuleEngine, load_rules
 from .services.daemons import Daemons
 from .services.files import Files
@@ -76,6 +77,7 @@ class Node:
         # serve() runs until this is set: by a signal, or by a service such as the lease.
         self.stop_requested = asyncio.Event()
         self.lease = Lease(config.lease_s, self.request_stop, parent_url=config.parent_url)
+        self.orphans = OrphanReaper()
 
     @property
     def docker_socket(self) -> bool:
@@ -95,6 +97,7 @@ class Node:
         await self.mcp_endpoint.start()
         await self.mcp_servers.start()
         self.lease.start()
+        self.orphans.start()
         self.state = NodeState.RUNNING
         log.info("node.started", node=self.config.name, workspace=str(self.config.workspace))
 
@@ -115,6 +118,7 @@ class Node:
         await self.peers.close()
         await self.terminal.close()
         self.events.close()
+        await self.orphans.close()
         self.store.close()
         self.state = NodeState.CLOSED
         log.info("node.stopped", node=self.config.name)

@@ -168,3 +168,25 @@ async def test_missing_mounted_folder_is_refused_by_name(
 ) -> None:
     with pytest.raises(SpawnError, match="workspace_mount .*absent is not a folder"):
         await local.spawn(NodeSpec(name="mounted", workspace_mount=str(tmp_path / "absent")))
+
+
+async def test_background_processes_a_node_adopted_are_collected_when_they_exit(
+    local: LocalSpawner,
+) -> None:
+    from agent_runtime.orphans import zombie_children
+
+    node = await local.spawn(NodeSpec(name="adopter"))
+    async with Peer(node.url, node.token) as peer:
+        # Each shell exits at once and leaves its sleep to the node, which adopts it.
+        for _ in range(5):
+            result = await peer.exec("sleep 0.2 & echo $PPID")
+            assert result.exit_code == 0
+        node_pid = int(result.stdout.strip())
+
+        await asyncio.sleep(0.5)
+        assert zombie_children(node_pid), "the exited sleeps should wait as zombies at first"
+        async def none_left() -> bool:
+            return not zombie_children(node_pid)
+
+        await wait_for(none_left, timeout=15, what="the node to collect its exited orphans")
+        assert (await peer.exec("true")).exit_code == 0
