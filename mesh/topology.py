@@ -355,6 +355,18 @@ def _position(mark: yaml.Mark) -> tuple[int, int]:
     return mark.line + 1, mark.column + 1
 
 
+MAX_VALUES = 100_000
+
+
+class _TooBig(Exception):
+    """The document builds into more values than any real topology holds."""
+
+    def __init__(self, mark: yaml.Mark, loc: Loc) -> None:
+        super().__init__()
+        self.mark = mark
+        self.loc = loc
+
+
 class _Builder:
     """Turns a composed YAML tree into plain data, remembering where each key was written."""
 
@@ -364,12 +376,18 @@ class _Builder:
         self.positions: dict[Loc, tuple[int, int]] = {}
         self.problems: list[Problem] = []
         self._active: set[int] = set()
+        # Aliases of aliases grow a small file into billions of values ("billion laughs"):
+        # each use of an alias is built again, so the budget counts values as built.
+        self._budget = MAX_VALUES
 
     def problem(self, mark: yaml.Mark, loc: Loc, message: str) -> None:
         line, column = _position(mark)
         self.problems.append(Problem(self.file, line, column, format_loc(loc), message))
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
+        self._budget -= 1
+        if self._budget < 0:
+            raise _TooBig(node.start_mark, loc)
         self.positions.setdefault(loc, _position(node.start_mark))
         if id(node) in self._active:
             self.problem(node.start_mark, loc, "an alias refers to itself")
@@ -415,6 +433,12 @@ def _parse_yaml(text: str, file: str) -> _Document:
         builder = _Builder(loader, file)
         data = builder.build(root, ())
         return _Document(data, builder.positions, {}, builder.problems)
+    except _TooBig as exc:
+        line, column = _position(exc.mark)
+        problem = Problem(file, line, column, format_loc(exc.loc),
+                          f"the file expands to more than {MAX_VALUES:,} values; "
+                          "are aliases (*name) nested in each other?")
+        return _Document(None, {}, {}, [problem])
     except yaml.MarkedYAMLError as exc:
         return _Document(None, {}, {}, [_yaml_problem(exc, file)])
     finally:

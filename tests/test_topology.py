@@ -116,6 +116,18 @@ def test_an_unknown_top_level_key_is_rejected(tmp_path: Path) -> None:
     assert problem.message == "unknown key 'output' (did you mean 'outputs'?)"
 
 
+def test_aliases_nested_to_billions_of_values_are_refused_not_expanded(tmp_path: Path) -> None:
+    lines = ['lol: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 9):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+
+    problems = validate_file(path)
+
+    assert len(problems) == 1
+    assert "expands to more than" in problems[0].message
+
+
 def test_a_wrong_type_names_the_key_and_the_value(tmp_path: Path) -> None:
     path = write(tmp_path, BASE.replace("  - name: web\n", "  - name: web\n    count: three\n"))
 
