@@ -7,6 +7,7 @@ a plan or a model asked for it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Awaitable, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -51,16 +52,25 @@ class Tool:
     json_schema: dict[str, Any] | None = None
 
     def schema(self) -> dict[str, Any]:
-        """OpenAI-style function schema, from the pydantic argument model or the JSON schema."""
+        """OpenAI-style function schema, from the pydantic argument model or the JSON schema.
+
+        A fresh dict each time, so that a caller may change it; only the parameters are shared.
+        """
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description,
+                         "parameters": self._parameters},
+        }
+
+    @functools.cached_property
+    def _parameters(self) -> dict[str, Any]:
+        # Built once: pydantic takes milliseconds per schema, and every model turn sends all.
         if self.json_schema is not None:
             params = dict(self.json_schema)
         else:
             params = self.args_model.model_json_schema()
         params.pop("title", None)
-        return {
-            "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": params},
-        }
+        return params
 
     def parse_args(self, raw: dict[str, Any]) -> BaseModel:
         if self.json_schema is not None:
