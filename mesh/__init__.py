@@ -7,10 +7,6 @@ and the wire models and the one error hierarchy are shared with the node.
 import importlib
 from typing import TYPE_CHECKING
 
-from .client import ExecOutput as ExecOutput
-from .client import Peer as Peer
-from .client import RetryPolicy as RetryPolicy
-from .client import TaskHandle as TaskHandle
 from .errors import ApiError as ApiError
 from .errors import BadRequest as BadRequest
 from .errors import ConfigError as ConfigError
@@ -58,11 +54,6 @@ from .models import TaskStatus as TaskStatus
 from .models import Usage as Usage
 
 __all__ = [
-    # client
-    "ExecOutput",
-    "Peer",
-    "RetryPolicy",
-    "TaskHandle",
     # errors
     "ApiError",
     "BadRequest",
@@ -113,15 +104,24 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .client import ExecOutput as ExecOutput
+    from .client import Peer as Peer
+    from .client import RetryPolicy as RetryPolicy
+    from .client import TaskHandle as TaskHandle
     from .mesh import Mesh as Mesh
     from .spawn import DockerSpawner as DockerSpawner
     from .spawn import LocalSpawner as LocalSpawner
     from .spawn import Spawner as Spawner
     from .spawn import reap as reap
 
-# The mesh and its spawners bring in the Docker SDK, an import a node that never spawns should
-# not pay for at start-up: they load on first use.
+# The client, the mesh and its spawners load on first use: the Docker SDK and the client's
+# retry machinery are imports that a node, which needs only the errors and models from here,
+# should not pay for at start-up.
 _LAZY = {
+    "ExecOutput": "mesh.client",
+    "Peer": "mesh.client",
+    "RetryPolicy": "mesh.client",
+    "TaskHandle": "mesh.client",
     "DockerSpawner": "mesh.spawn.docker",
     "LocalSpawner": "mesh.spawn.local",
     "Mesh": "mesh.mesh",

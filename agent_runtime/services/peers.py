@@ -17,9 +17,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.client import Peer
 from mesh.errors import ApiError, BadRequest, NotFound, SpawnError, ToolError, Unavailable
-from mesh.fanout import Assignment, fan_out
 from mesh.models import Mode, NodeInfo, NodeSpec, NodeState, Step
 
 from ..http import json_response, parse_json, read_model
@@ -28,6 +26,7 @@ from ..tools import Tool, ToolContext
 from .gateway import ALIAS as GATEWAY_ALIAS
 
 if TYPE_CHECKING:
+    from mesh.client import Peer
     from mesh.spawn.base import Spawner
 
     from ..node import Node
@@ -190,6 +189,8 @@ class Peers:
         info = self.find(ref)
         if info.token is None:
             raise ToolError(f"peer {info.name} has no token this node can use")
+        from mesh.client import Peer
+
         return Peer(info.url, info.token)
 
     async def close(self) -> None:
@@ -386,6 +387,9 @@ def register_tools(node: Node) -> None:
         return cut(text, READ_PEER_FILE_CHARS)
 
     async def fan_out_tool(ctx: ToolContext, args: FanOutArgs) -> list[dict[str, Any]]:
+        # The client and fan-out load here, on first use, not with every node.
+        from mesh.fanout import Assignment, fan_out
+
         assignments = []
         for branch in args.assignments:
             body = _task_body(branch.description, branch.steps, branch.mode)

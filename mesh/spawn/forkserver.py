@@ -56,6 +56,8 @@ PRELOAD = (
     "agent_runtime.services.meta",
     "agent_runtime.services.rules",
     "agent_runtime.services.tasks",
+    "mesh.client",
+    "mesh.fanout",
     "anyio._backends._asyncio",
     "anyio.streams.stapled",
     "anyio.streams.tls",
