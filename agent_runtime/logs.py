@@ -14,7 +14,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
-    """Configure structlog once for the process; logs go to stderr, stdout stays machine-readable."""
+    """Configure structlog once per process: logs go to stderr, stdout stays machine-readable."""
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.typing.Processor = (

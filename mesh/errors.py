@@ -1,7 +1,7 @@
 """The one error hierarchy of peermesh, shared by the node and the peer library.
 
     MeshError
-    ├── ApiError                    an HTTP request the node refuses (carries status and code)
+    ├── ApiError                    an HTTP request the node refuses (with status and code)
     │   ├── BadRequest              400: malformed JSON, wrong types, unknown fields
     │   ├── Unauthorized            401: wrong or missing bearer token
     │   ├── Forbidden               403: a path that leaves the workspace
@@ -17,7 +17,7 @@
     │   └── TaskFailed              a task ended failed, cancelled or interrupted
     ├── SpawnError                  a node could not be created or did not become ready
     ├── ConfigError                 invalid configuration or topology (the caller's fault)
-    └── ToolError                   a tool call that cannot run as asked (goes back to the model)
+    └── ToolError                   a tool call that cannot run as asked (told to the model)
 
 Errors are named by who is at fault, so callers can branch on that: an ApiError is the
 caller's request, a PeerError is the other node or the network between us, a ToolError is

@@ -46,7 +46,9 @@ def node_config(tmp_path: Path) -> NodeConfig:
 
 
 @pytest.fixture
-async def client(aiohttp_client, node_config: NodeConfig) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(  # type: ignore[no-untyped-def]
+    aiohttp_client, node_config: NodeConfig,
+) -> TestClient:
     """A real node served in-process, with a client that sends the bearer token."""
     app = build_app(node_config)
     return await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -132,7 +134,9 @@ async def scripted() -> AsyncIterator["ScriptedModelServer"]:
 
 
 @pytest.fixture
-async def agent_client(aiohttp_client, tmp_path: Path, scripted) -> TestClient:  # type: ignore[no-untyped-def]
+async def agent_client(  # type: ignore[no-untyped-def]
+    aiohttp_client, tmp_path: Path, scripted,
+) -> TestClient:
     """A node whose agent loop talks to the scripted model, with short test deadlines."""
     config = make_config(
         tmp_path, model="openai/scripted", api_base=scripted.api_base, api_key="scripted",

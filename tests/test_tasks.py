@@ -182,7 +182,8 @@ async def test_unknown_task_id_is_404_in_the_error_shape(client: TestClient) -> 
 
 async def test_malformed_json_is_a_400_not_a_500(client: TestClient) -> None:
     response = await client.post(
-        "/api/v1/agent/tasks", data=b'{"description": ', headers={"Content-Type": "application/json"})
+        "/api/v1/agent/tasks", data=b'{"description": ',
+        headers={"Content-Type": "application/json"})
 
     assert response.status == 400
     assert "malformed JSON" in (await response.json())["error"]["message"]
