@@ -15,6 +15,7 @@ from yarl import URL
 from agent_runtime.app import build_app
 from agent_runtime.node import Node
 from agent_runtime.tools import ToolContext
+from mesh.client import Peer
 from mesh.errors import ToolError
 from tests.conftest import TOKEN, make_config
 
@@ -61,6 +62,62 @@ async def test_absolute_path_is_refused_with_403(client: TestClient) -> None:
     assert (await client.get(f"{FILES}//etc/passwd")).status == 403
     assert (await client.put(f"{FILES}//tmp/x", data=b"no")).status == 403
     assert (await client.get("/api/v1/stat//etc/passwd")).status == 403
+
+
+async def test_a_name_holding_percent_escapes_is_read_and_written_as_that_literal_name(
+    client: TestClient, workspace: Path
+) -> None:
+    # The router decodes the URL once; `%2541.txt` is the file `%41.txt`, never `A.txt`.
+    response = await client.put(f"{FILES}/%2541.txt", data=b"literal")
+
+    assert response.status == 201
+    assert (workspace / "%41.txt").read_bytes() == b"literal"
+    assert not (workspace / "A.txt").exists()
+
+    (workspace / "%2e%2e").write_bytes(b"dots")
+    assert await (await client.get(f"{FILES}/%252e%252e")).read() == b"dots"
+    assert (await client.delete(f"{FILES}/%2541.txt")).status == 204
+    assert not (workspace / "%41.txt").exists()
+
+
+async def test_the_peer_client_round_trips_names_that_look_percent_encoded(
+    client: TestClient, workspace: Path
+) -> None:
+    async with Peer(str(client.make_url("")), TOKEN) as peer:
+        await peer.write("%41.txt", b"not A")
+        await peer.write("dir%2f/%2e%2e", b"not a climb")
+
+        assert await peer.read_bytes("%41.txt") == b"not A"
+        assert await peer.read_bytes("dir%2f/%2e%2e") == b"not a climb"
+
+    assert sorted(p.name for p in workspace.iterdir()) == ["%41.txt", "dir%2f"]
+
+
+async def test_a_traversal_decoded_once_by_the_router_is_still_refused_on_write(
+    client: TestClient, tmp_path: Path
+) -> None:
+    response = await client.put(f"{FILES}/..%2f..%2fescaped.txt", data=b"no")
+
+    assert response.status == 403
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+async def test_a_symlink_pointing_outside_can_be_deleted_and_renamed_but_not_followed(
+    client: TestClient, workspace: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"keep me")
+    (workspace / "link").symlink_to(outside)
+
+    moved = await client.post("/api/v1/move", json={"src": "link", "dst": "renamed"})
+    assert moved.status == 200
+    assert os.path.islink(workspace / "renamed")
+    assert (await client.get(f"{FILES}/renamed")).status == 403
+    assert (await client.put(f"{FILES}/renamed", data=b"x")).status == 403
+
+    assert (await client.delete(f"{FILES}/renamed")).status == 204
+    assert not os.path.lexists(workspace / "renamed")
+    assert outside.read_bytes() == b"keep me"
 
 
 async def test_symlink_to_a_file_outside_cannot_be_read(
