@@ -5,7 +5,11 @@ and the wire models and the one error hierarchy are shared with the node.
 """
 
 import importlib
+import logging as _logging
+import sys as _sys
 from typing import TYPE_CHECKING
+
+import structlog as _structlog
 
 from .errors import ApiError as ApiError
 from .errors import BadRequest as BadRequest
@@ -130,6 +134,29 @@ _LAZY = {
 }
 __all__ += list(_LAZY)
 
+
+
+def _quiet_by_default() -> None:
+    """Warnings and errors on stderr, unless the application configured structlog itself.
+
+    structlog's own default prints every event, debug included, to stdout: a script that uses
+    `Peer` would find the library's chatter mixed into its own output. Loggers are not cached
+    under this default, so an application (or the node, or the `mesh` command) that calls
+    structlog.configure later still gets its own settings for every logger.
+    """
+    if _structlog.is_configured():
+        return
+    _structlog.configure(
+        processors=[_structlog.processors.add_log_level,
+                    _structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    _structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=_structlog.make_filtering_bound_logger(_logging.WARNING),
+        logger_factory=_structlog.PrintLoggerFactory(file=_sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+_quiet_by_default()
 
 def __getattr__(name: str) -> object:
     if name not in _LAZY:

@@ -7,6 +7,8 @@ import collections
 import contextlib
 import logging
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -657,3 +659,28 @@ async def test_snapshot_restores_the_workspace_exactly(peer: Peer) -> None:
     assert (await peer.snapshot_info("base")).id == taken.id
     await peer.delete_snapshot(taken.id)
     assert await peer.snapshots() == []
+
+
+def test_a_script_using_the_library_prints_only_its_own_output(
+    node_process: NodeProcess, tmp_path: Path,
+) -> None:
+    node_process.start()
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from mesh import Peer\n"
+        "async def main():\n"
+        "    async with Peer(sys.argv[1], sys.argv[2]) as peer:\n"
+        "        result = await peer.exec('echo hello from the node')\n"
+        "        print(result.stdout.strip())\n"
+        "        await peer.health()\n"
+        "asyncio.run(main())\n"
+    )
+
+    done = subprocess.run([sys.executable, str(script), node_process.url, TOKEN],
+                          capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello from the node\n"
+    # Below warning the library stays silent; its debug lines went nowhere.
+    assert "peer.request" not in done.stderr
