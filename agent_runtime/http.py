@@ -126,8 +126,11 @@ def auth_middleware(token: str, *, also: Callable[[str, str], bool] | None = Non
         presented = header[7:] if header[:7].lower() == "bearer " else ""
         # Browsers cannot set headers on a WebSocket, so the token may come as a query value.
         presented = presented or request.query.get("access_token", "")
-        if not hmac.compare_digest(presented.encode(), expected) and not (
-            also is not None and also(request.path, presented)
+        # A header that is not UTF-8 arrives holding lone surrogates; surrogatepass encodes
+        # them too, so it is compared (in constant time) and refused like any other.
+        raw = presented.encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(raw, expected) and not (
+            also is not None and _is_text(presented) and also(request.path, presented)
         ):
             raise Unauthorized(
                 "missing bearer token" if not presented else "wrong bearer token"
@@ -135,3 +138,12 @@ def auth_middleware(token: str, *, also: Callable[[str, str], bool] | None = Non
         return await handler(request)
 
     return middleware
+
+
+def _is_text(value: str) -> bool:
+    """Whether the string is valid text, without the lone surrogates of undecodable bytes."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

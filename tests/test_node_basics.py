@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 from aiohttp.test_utils import TestClient
 
 
@@ -25,6 +28,31 @@ async def test_wrong_token_is_refused_with_401(client: TestClient) -> None:
     )
     assert response.status == 401
     assert "wrong" in (await response.json())["error"]["message"]
+
+
+async def test_a_token_that_is_not_utf8_is_refused_with_401_not_a_crash(
+    client: TestClient,
+) -> None:
+    # The HTTP client will not send such bytes, so the request goes over a raw socket.
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    for token in (b"\xff\xfe", b"\xed\xa0\x80", b"caf\xe9"):
+        writer.write(
+            b"GET /api/v1/agent/tasks HTTP/1.1\r\nHost: node\r\n"
+            b"Authorization: Bearer " + token + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+        status_line = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = json.loads(await reader.readexactly(int(headers["content-length"])))
+
+        assert status_line.split()[1] == b"401", token
+        assert body["error"]["code"] == "unauthorized"
+    writer.close()
+    await writer.wait_closed()
 
 
 async def test_agent_card_needs_no_token_and_points_at_the_skill_text(
