@@ -357,6 +357,29 @@ async def test_env_is_merged_over_the_non_interactive_defaults(client: TestClien
     assert result["stdout"] == "bar|1|less|0|dumb|home\n"
 
 
+async def test_commands_do_not_see_the_node_token_or_api_key_by_any_route(
+    client: TestClient, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESH_TOKEN", "node-secret-token")
+    monkeypatch.setenv("MESH_API_KEY", "provider-secret-key")
+    monkeypatch.setenv("MESH_HARMLESS", "shown")
+    command = 'echo "${MESH_TOKEN-unset} ${MESH_API_KEY-unset} ${MESH_HARMLESS-unset}"'
+    expected = "unset unset shown\n"
+
+    assert (await execute(client, command=command))["stdout"] == expected
+
+    async with client.ws_connect(WS) as ws:
+        await ws.send_json({"command": command})
+        messages = [await ws.receive_json()]
+        while messages[-1]["type"] != "exit":
+            messages.append(await ws.receive_json())
+    assert messages[-1]["stdout"] == expected
+
+    result = await node.tools.get("terminal_exec").call(ToolContext(), {"command": command})
+    assert "node-secret-token" not in str(result) and "provider-secret-key" not in str(result)
+    assert "unset unset shown" in str(result)
+
+
 @pytest.mark.parametrize(
     ("command", "exit_code"),
     [("true", 0), ("false", 1), ("exit 3", 3), ("no-such-command-here", 127)],

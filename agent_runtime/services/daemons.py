@@ -26,7 +26,7 @@ from ..http import json_response, read_model
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
 from ..workspace import Workspace
-from .terminal import NON_INTERACTIVE_ENV
+from .terminal import command_env
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["Daemons", "add_routes", "register_tools"]
 
 log = structlog.get_logger("agent_runtime.daemons")
-
-
-# The node's own credentials are not the daemon's business.
-SECRET_ENV = ("MESH_TOKEN", "MESH_API_KEY")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -221,9 +217,7 @@ class Daemons:
             raise Unavailable("the node is stopping; no daemons start now")
 
     async def _spawn(self, daemon: _Daemon) -> asyncio.subprocess.Process:
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-        env.update(NON_INTERACTIVE_ENV)
-        env.update(daemon.spec.env or {})
+        env = command_env(daemon.spec.env)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(daemon.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

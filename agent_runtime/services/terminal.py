@@ -59,6 +59,18 @@ NON_INTERACTIVE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# The node's own credentials are not the business of the commands and daemons it runs.
+SECRET_ENV = frozenset({"MESH_TOKEN", "MESH_API_KEY"})
+
+
+def command_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment a command or daemon runs with: the node's, minus its secrets."""
+    env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
+    env.update(NON_INTERACTIVE_ENV)
+    env.update(extra or {})
+    return env
+
+
 # After the shell exits, a child it put in the background may hold the pipes open for good.
 DRAIN_GRACE_S = 0.1
 KILL_GRACE_S = 1.0
@@ -186,9 +198,7 @@ class Terminal:
     async def _spawn(
         self, run: _Run, request: ExecRequest, cwd: Path
     ) -> asyncio.SubprocessTransport:
-        env = dict(os.environ)
-        env.update(NON_INTERACTIVE_ENV)
-        env.update(request.env or {})
+        env = command_env(request.env)
         loop = asyncio.get_running_loop()
         try:
             # A session of its own: no controlling terminal to prompt on, and one process
