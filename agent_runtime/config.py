@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -16,48 +16,58 @@ from mesh.models import McpServerDecl
 
 __all__ = ["NodeConfig", "parse_node_args"]
 
+URL_PATTERN = r"^https?://[^\s/]+"
+
 
 class NodeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN are not durations or sizes; every number below is finite.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workspace: Path
     state_dir: Path
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8700, ge=0, le=65535)
     token: str = Field(min_length=8)
     token_generated: bool = False
-    name: str = "node"
-    public_url: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
-    exec_output_cap: int = 256 * 1024
-    subscriber_buffer: int = 4096
-    log_format: str = "auto"
-    log_level: str = "info"
+    name: str = Field(default="node", min_length=1)
+    public_url: str | None = Field(default=None, pattern=URL_PATTERN)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    exec_output_cap: int = Field(default=256 * 1024, gt=0)
+    subscriber_buffer: int = Field(default=4096, gt=0)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # The agent loop's provider settings; a node without a model still runs step tasks.
-    model: str | None = None
-    api_base: str | None = None
+    model: str | None = Field(default=None, min_length=1)
+    api_base: str | None = Field(default=None, pattern=URL_PATTERN)
     api_key: str | None = Field(default=None, repr=False)
-    temperature: float | None = None
-    max_steps: int = 50
-    max_tokens: int | None = None
-    task_timeout_s: float = 3600.0
-    model_timeout_s: float = 120.0
-    stream_idle_timeout_s: float = 60.0
-    model_retries: int = 4
-    model_retry_base_s: float = 0.5
-    max_tool_mistakes: int = 10
+    # The range providers accept (OpenAI's is 0 to 2).
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_steps: int = Field(default=50, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    task_timeout_s: float = Field(default=3600.0, gt=0)
+    model_timeout_s: float = Field(default=120.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    model_retries: int = Field(default=4, ge=0)
+    model_retry_base_s: float = Field(default=0.5, ge=0)
+    max_tool_mistakes: int = Field(default=10, ge=0)
 
     # Mesh settings: the lease a parent renews, the label of the mesh this node belongs to.
     mesh_name: str | None = None
-    parent_url: str | None = None
-    lease_s: float | None = None
+    parent_url: str | None = Field(default=None, pattern=URL_PATTERN)
+    lease_s: float | None = Field(default=None, gt=0)
     rules_file: Path | None = None
     # More rules as a JSON list (MESH_RULES, set by topologies); validated when the node starts.
     rules: list[Any] = Field(default_factory=list)
     instructions: str | None = None
     # MCP servers attached at start; MESH_MCP_SERVERS holds them as a JSON list.
     mcp_servers: list[McpServerDecl] = Field(default_factory=list)
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        # MESH_LOG_LEVEL=INFO means info.
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("mcp_servers", mode="before")
     @classmethod

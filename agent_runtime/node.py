@@ -7,9 +7,12 @@ import enum
 import os
 import time
 import weakref
+from pathlib import Path
 
 import structlog
 from aiohttp import web
+
+from mesh.errors import ConfigError
 
 from .config import NodeConfig
 from .events import EventBus
@@ -36,6 +39,18 @@ log = structlog.get_logger("agent_runtime.node")
 DOCKER_SOCKET = "/var/run/docker.sock"
 
 
+def _usable_folder(path: Path, option: str) -> None:
+    """Create the folder; one the node cannot create or write into is a configuration error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{option}: {path} exists and is not a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot create folder {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: folder {path} is not writable by this user")
+
+
 class NodeState(str, enum.Enum):
     CREATED = "created"
     RUNNING = "running"
@@ -50,9 +65,9 @@ class Node:
         self.started_at = time.time()
         # First: a broken rules file stops the start before anything is opened.
         self.rules = RuleEngine(self, load_rules(config))
-        config.workspace.mkdir(parents=True, exist_ok=True)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        config.logs_dir.mkdir(parents=True, exist_ok=True)
+        _usable_folder(config.workspace, "--workspace")
+        _usable_folder(config.state_dir, "--state-dir")
+        _usable_folder(config.logs_dir, "--state-dir")
 
         self.workspace = Workspace(config.workspace)
         self.metrics = Metrics()

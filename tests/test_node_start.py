@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agent_runtime.__main__ import main as node_main
+
 
 def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full_env = {key: value for key, value in os.environ.items() if not key.startswith("MESH_")}
@@ -99,6 +101,96 @@ def test_bad_configuration_is_one_clear_line_and_exit_2(
 
     assert process.returncode == 2
     assert named in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--max-steps", "-3"], "--max-steps"),
+        (["--max-steps", "0"], "--max-steps"),
+        (["--task-timeout-s", "-1"], "--task-timeout-s"),
+        (["--task-timeout-s", "inf"], "--task-timeout-s"),
+        (["--model-timeout-s", "nan"], "--model-timeout-s"),
+        (["--stream-idle-timeout-s", "0"], "--stream-idle-timeout-s"),
+        (["--temperature", "99"], "--temperature"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--model-retries", "-1"], "--model-retries"),
+        (["--max-tool-mistakes", "-2"], "--max-tool-mistakes"),
+        (["--log-format", "xml"], "--log-format"),
+        (["--log-level", "bogus"], "--log-level"),
+        (["--lease-s", "-5"], "--lease-s"),
+        (["--lease-s", "0"], "--lease-s"),
+        (["--name", ""], "--name"),
+        (["--host", ""], "--host"),
+        (["--public-url", "not a url"], "--public-url"),
+        (["--parent-url", "parent:8700"], "--parent-url"),
+        (["--api-base", "localhost:11434"], "--api-base"),
+    ],
+)
+def test_an_out_of_range_or_unknown_setting_is_one_line_naming_the_option_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    args: list[str], named: str,
+) -> None:
+    # In-process: refused while the options are read, before the node builds anything.
+    for variable in [key for key in os.environ if key.startswith("MESH_")]:
+        monkeypatch.delenv(variable)
+
+    code = node_main(["--workspace", str(tmp_path / "ws"), "--port", "0", *args])
+
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert named in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_log_level_variable_in_capitals_is_accepted(tmp_path: Path) -> None:
+    process = start(tmp_path, "--workspace", str(tmp_path / "ws"), "--port", "0",
+                    "--state-dir", str(tmp_path / "state"), "--token", "level-token-1234",
+                    env={"MESH_LOG_LEVEL": "WARNING"})
+    ready_line(process)
+    stop(process)
+
+
+def test_a_negative_lease_is_refused_instead_of_the_node_exiting_at_once(
+    tmp_path: Path,
+) -> None:
+    process = start(tmp_path, "--workspace", str(tmp_path / "ws"), "--port", "0",
+                    env={"MESH_LEASE_S": "-5"})
+    stdout, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 2
+    assert "MESH_LEASE_S" in stderr and stdout == ""
+
+
+@pytest.mark.parametrize("option", ["--workspace", "--state-dir"])
+def test_a_folder_that_is_a_file_is_a_config_error_naming_it(
+    tmp_path: Path, option: str,
+) -> None:
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("not a folder")
+    folders = {"--workspace": str(tmp_path / "ws"), "--state-dir": str(tmp_path / "state")}
+    folders[option] = str(a_file)
+
+    process = start(tmp_path, "--workspace", folders["--workspace"], "--port", "0",
+                    "--state-dir", folders["--state-dir"], "--token", "folder-token-1234")
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 2
+    assert option in stderr and str(a_file) in stderr
+    assert "cannot listen" not in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_workspace_below_a_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    # /etc/passwd/ws: the folder cannot be created at all.
+    process = start(tmp_path, "--workspace", "/etc/passwd/ws", "--port", "0",
+                    "--state-dir", str(tmp_path / "state"), "--token", "folder-token-1234")
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 2
+    assert "--workspace" in stderr and "/etc/passwd/ws" in stderr
     assert "Traceback" not in stderr
 
 
