@@ -45,7 +45,8 @@ __all__ = [
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse as JSON in Python but are no timeout, size or rate anyone means.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Mode(str, enum.Enum):

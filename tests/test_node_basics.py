@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 
@@ -133,3 +134,24 @@ async def test_terminal_stream_refuses_a_deeply_nested_first_message(client: Tes
         await ws.send_str(NESTED.decode())
         message = await ws.receive_json()
         assert "nested too deeply" in message["error"]["message"]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+async def test_a_number_that_is_not_finite_is_a_400_naming_the_field(
+    client: TestClient, number: str,
+) -> None:
+    bodies = (
+        ("/api/v1/terminal/exec", '{"command": "true", "timeout_s": %s}', "timeout_s"),
+        ("/api/v1/agent/tasks",
+         '{"steps": [{"tool": "terminal_exec", "args": {"command": "true"}}], "timeout_s": %s}',
+         "timeout_s"),
+        ("/api/v1/agent/tasks", '{"description": "x", "temperature": %s}', "temperature"),
+        ("/api/v1/lease", '{"ttl_s": %s}', "ttl_s"),
+    )
+    for path, body, field in bodies:
+        response = await client.post(path, data=body % number,
+                                     headers={"Content-Type": "application/json"})
+        error = (await response.json())["error"]
+
+        assert response.status == 400, (path, error)
+        assert f"{field}: Input should be a finite number" in error["message"], path

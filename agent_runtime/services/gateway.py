@@ -88,7 +88,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions parameters the gateway forwards; others are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)

@@ -32,7 +32,7 @@ STALL_S = 1.0
 
 
 class LeaseRenew(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ttl_s: float | None = Field(
         default=None, gt=0, le=MAX_TTL_S,

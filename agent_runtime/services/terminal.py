@@ -90,7 +90,7 @@ FIRST_MESSAGE_TIMEOUT_S = 30.0
 class TerminalExecArgs(BaseModel):
     """Arguments of the terminal_exec tool."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     command: str = Field(min_length=1, description="Shell command, run with bash -c.")
     cwd: str | None = Field(
