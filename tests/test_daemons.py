@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from agent_runtime.node import Node
+from agent_runtime.services.terminal import MAX_ARG_BYTES
 from agent_runtime.tools import ToolContext
 
 from conftest import TOKEN, NodeProcess
@@ -209,6 +210,19 @@ async def test_cwd_must_be_a_folder_inside_the_workspace(client: TestClient) -> 
     )
     assert missing.status == 400
     assert (await missing.json())["error"]["details"]["errors"][0]["field"] == "cwd"
+
+
+async def test_a_command_over_the_systems_argument_limit_is_a_400_and_starts_nothing(
+    client: TestClient,
+) -> None:
+    response = await client.post("/api/v1/daemons", json={
+        "name": "huge", "command": "echo " + "x" * (MAX_ARG_BYTES + 1),
+    })
+    error = (await response.json())["error"]
+
+    assert response.status == 400, error
+    assert "command" in error["message"] and str(MAX_ARG_BYTES) in error["message"]
+    assert (await client.get("/api/v1/daemons/huge")).status == 404
 
 
 async def test_unknown_daemon_is_404(client: TestClient) -> None:

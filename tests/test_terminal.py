@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import time
@@ -14,7 +16,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from agent_runtime.node import Node
-from agent_runtime.services.terminal import KEEP_OUTPUT_FILES, Terminal
+from agent_runtime.services.terminal import KEEP_OUTPUT_FILES, MAX_ARG_BYTES, Terminal
 from agent_runtime.tools import ToolContext
 from agent_runtime.workspace import Workspace
 from mesh.errors import ToolError, Unavailable
@@ -355,6 +357,52 @@ async def test_env_is_merged_over_the_non_interactive_defaults(client: TestClien
     )
 
     assert result["stdout"] == "bar|1|less|0|dumb|home\n"
+
+
+async def test_a_command_over_the_systems_argument_limit_is_a_400_naming_the_limit(
+    client: TestClient,
+) -> None:
+    too_long = "echo " + "x" * (MAX_ARG_BYTES + 1)
+    for body, field in (
+        ({"command": too_long}, "command"),
+        ({"command": "true", "env": {"BIG": "x" * (MAX_ARG_BYTES + 1)}}, "env.BIG"),
+    ):
+        response = await client.post(EXEC, json=body)
+        error = (await response.json())["error"]
+
+        assert response.status == 400, error
+        assert field in error["message"] and str(MAX_ARG_BYTES) in error["message"]
+
+
+async def test_arguments_that_together_pass_the_system_limit_are_a_413_naming_it(
+    client: TestClient,
+) -> None:
+    # Each variable is within the per-argument limit; together they pass ARG_MAX.
+    count = os.sysconf("SC_ARG_MAX") // (MAX_ARG_BYTES - 16) + 1
+    env = {f"V{index}": "x" * (MAX_ARG_BYTES - 16) for index in range(count)}
+
+    body = io.BytesIO(json.dumps({"command": "true", "env": env}).encode())
+    response = await client.post(EXEC, data=body, headers={"Content-Type": "application/json"})
+    error = (await response.json())["error"]
+
+    assert response.status == 413, error
+    assert str(os.sysconf("SC_ARG_MAX")) in error["message"]
+
+
+async def test_text_that_is_not_valid_unicode_is_a_400_naming_the_field(
+    client: TestClient,
+) -> None:
+    for body, field in (
+        ('{"command": "echo \\ud800"}', "command"),
+        ('{"command": "cat", "stdin": "\\udfff"}', "stdin"),
+        ('{"command": "true", "env": {"A": "\\ud800"}}', "env.A"),
+    ):
+        response = await client.post(EXEC, data=body,
+                                     headers={"Content-Type": "application/json"})
+        error = (await response.json())["error"]
+
+        assert response.status == 400, (body, error)
+        assert field in error["message"]
 
 
 async def test_commands_do_not_see_the_node_token_or_api_key_by_any_route(

@@ -26,7 +26,7 @@ from ..http import json_response, read_model
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
 from ..workspace import Workspace
-from .terminal import command_env
+from .terminal import check_command, command_env, spawn_error
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -112,7 +112,7 @@ class Daemons:
             raise Conflict(
                 f"daemon {spec.name!r} is already running", details={"name": spec.name}
             )
-        _check_env(spec.env)
+        check_command(spec.command, spec.env)
         daemon = _Daemon(spec, self._resolve_cwd(spec.cwd), self.log_dir / f"{spec.name}.log")
         self._daemons[spec.name] = daemon
         await self._launch(daemon)
@@ -204,10 +204,7 @@ class Daemons:
             proc = await self._spawn(daemon)
         except OSError as exc:
             daemon.status = DaemonStatus.EXITED
-            raise Unavailable(
-                f"could not start daemon {daemon.spec.name!r}: {exc.strerror or exc}",
-                details={"name": daemon.spec.name},
-            ) from exc
+            raise spawn_error(exc, daemon.cwd, f"daemon {daemon.spec.name!r}") from exc
         daemon.supervisor = asyncio.create_task(
             self._supervise(daemon, proc), name=f"daemon-{daemon.spec.name}"
         )
@@ -368,12 +365,6 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             return True
     return False
-
-
-def _check_env(env: dict[str, str] | None) -> None:
-    for key, value in (env or {}).items():
-        if not key or "=" in key or "\x00" in key or "\x00" in value:
-            raise _field_error(f"env.{key}", "names may not be empty or hold '=' or NUL")
 
 
 def _field_error(field: str, message: str) -> BadRequest:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mesh.errors import ApiError, BadRequest, Unavailable
+from mesh.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unavailable
 from mesh.models import ExecRequest, ExecResult
 
 from ..http import json_response, parse_json, read_model, validation_message
@@ -58,6 +59,9 @@ NON_INTERACTIVE_ENV = {
     # Python writes into a pipe in blocks otherwise, and a stream would show nothing for long.
     "PYTHONUNBUFFERED": "1",
 }
+
+# Linux refuses one argument or variable longer than this (MAX_ARG_STRLEN, with its NUL).
+MAX_ARG_BYTES = 128 * 1024 - 1
 
 # The node's own credentials are not the business of the commands and daemons it runs.
 SECRET_ENV = frozenset({"MESH_TOKEN", "MESH_API_KEY"})
@@ -210,7 +214,7 @@ class Terminal:
                 cwd=cwd, env=env, start_new_session=True,
             )
         except OSError as exc:
-            raise Unavailable(f"could not start the command: {exc}") from exc
+            raise spawn_error(exc, cwd, "the command") from exc
 
         if request.stdin is not None:
             stdin = transport.get_pipe_transport(0)
@@ -485,14 +489,59 @@ class _Capture:
 
 
 def _check_request(request: ExecRequest) -> None:
-    """Refuse what the operating system would refuse with an unhelpful error."""
-    if "\x00" in request.command:
-        raise _field_error("command", "contains a NUL byte")
-    for name, value in (request.env or {}).items():
-        if not name or "=" in name or "\x00" in name:
+    check_command(request.command, request.env)
+    if request.stdin is not None and not _encodable(request.stdin):
+        raise _field_error("stdin", "holds a lone surrogate, which is not text")
+
+
+def check_command(command: str, env: dict[str, str] | None) -> None:
+    """Refuse what the operating system would refuse with an unhelpful error.
+
+    The caller's mistakes, found here, are a 400 naming the field rather than a failed start.
+    """
+    _check_argument("command", command)
+    for name, value in (env or {}).items():
+        if not name or "=" in name or "\x00" in name or not _encodable(name):
             raise _field_error(f"env.{name}", "not a valid variable name")
-        if "\x00" in value:
-            raise _field_error(f"env.{name}", "contains a NUL byte")
+        _check_argument(f"env.{name}", f"{name}={value}")
+
+
+def _check_argument(field: str, text: str) -> None:
+    if "\x00" in text:
+        raise _field_error(field, "contains a NUL byte")
+    if not _encodable(text):
+        raise _field_error(field, "holds a lone surrogate, which is not text")
+    size = len(text.encode())
+    if size > MAX_ARG_BYTES:
+        raise _field_error(
+            field, f"{size} bytes, over the system's limit of {MAX_ARG_BYTES} bytes for one "
+            "argument or variable; put a longer script in a file and run that",
+        )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def spawn_error(exc: OSError, cwd: Path, what: str) -> ApiError:
+    """The refusal for a process that could not start: the caller's fault is a 4xx."""
+    if exc.errno == errno.E2BIG:
+        return PayloadTooLarge(
+            f"could not start {what}: the command and environment together exceed the "
+            f"system's limit of {os.sysconf('SC_ARG_MAX')} bytes",
+            details={"limit_bytes": os.sysconf("SC_ARG_MAX")},
+        )
+    # The folder was checked before; it may have gone or changed meanwhile.
+    if not os.path.isdir(cwd):
+        return _field_error("cwd", "no longer a folder in the workspace")
+    if not os.access(cwd, os.X_OK):
+        return Forbidden(f"could not start {what}: cwd is not accessible",
+                         details={"field": "cwd"})
+    return Unavailable(f"could not start {what}: {exc.strerror or exc}")
 
 
 def _field_error(field: str, message: str) -> BadRequest:
