@@ -26,6 +26,14 @@ unless the rule is `blocking`; a blocking webhook holds the action until it is d
 where the event allows `block`, an answer of {"block": true, "reason": "..."} blocks it. A
 webhook that cannot be delivered is a `webhook.failed` event on the task's stream and never
 fails the task, blocking or not (it fails open). Every firing is a `rule.fired` event.
+
+Patterns (`match` and redact `pattern`) run in the `regex` engine with PATTERN_TIMEOUT_S per
+search or rewrite of one value, so a pattern that backtracks catastrophically costs the node
+a fraction of a second, not minutes. A `match` that runs out of time does not fire its rule;
+a redact that runs out of time fails closed: every string of the value becomes a marker, as
+nothing is known not to hold the secret. Either is a `rule.error` event naming the rule.
+Redaction at tool.execute.after and chat.system.transform runs on a worker thread, with the
+engine releasing the GIL, so that a large output keeps the node answering meanwhile.
 """
 
 from __future__ import annotations
@@ -34,13 +42,13 @@ import asyncio
 import dataclasses
 import fnmatch
 import json
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
+import regex
 import structlog
 from pydantic import BaseModel, ValidationError
 from tenacity import (
@@ -55,7 +63,9 @@ from mesh.errors import BadRequest, ConfigError, Conflict, MeshError
 from mesh.models import Task
 from mesh.rules import (
     ACTIONS_AT,
+    PATTERN_TIMEOUT_S,
     SESSION_EVENTS,
+    TARGET_EVENTS,
     Block,
     PromptInject,
     Redact,
@@ -174,13 +184,47 @@ def _latest_user(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _substitute(value: V, pattern: re.Pattern[str], replacement: str) -> tuple[V, int]:
-    """`value` with every match replaced, inside strings, lists, dicts and pydantic models."""
+class PatternTimeout(Exception):
+    """A rule's pattern ran out of its time on a value."""
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PatternTimeout
+    return left
+
+
+def _substitute(
+    value: V, pattern: regex.Pattern[str], replacement: str, deadline: float
+) -> tuple[V, int]:
+    """`value` with every match replaced, inside strings, lists, dicts and pydantic models.
+
+    Raises PatternTimeout once the work passes `deadline` (time.monotonic()): the budget is
+    for the whole value, however many strings it holds.
+    """
     if isinstance(value, str):
-        text, count = pattern.subn(lambda _: replacement, value)
+        try:
+            # concurrent=True releases the GIL while matching, for callers on a worker thread.
+            text, count = pattern.subn(lambda _: replacement, value,
+                                       timeout=_remaining(deadline), concurrent=True)
+        except TimeoutError:
+            raise PatternTimeout from None
         return text, count  # type: ignore[return-value]
+    return _rebuild(value, lambda item: _substitute(item, pattern, replacement, deadline))
+
+
+def _withhold(value: V, marker: str) -> V:
+    """`value` with every string replaced by `marker`: what a redact that timed out shows."""
+    if isinstance(value, str):
+        return marker  # type: ignore[return-value]
+    return _rebuild(value, lambda item: (_withhold(item, marker), 1))[0]
+
+
+def _rebuild(value: V, change: Any) -> tuple[V, int]:
+    """`value` with `change` (item -> (item, count)) applied to every item inside it."""
     if isinstance(value, BaseModel):
-        data, count = _substitute(value.model_dump(), pattern, replacement)
+        data, count = change(value.model_dump())
         if not count:
             return value, 0
         try:
@@ -189,14 +233,31 @@ def _substitute(value: V, pattern: re.Pattern[str], replacement: str) -> tuple[V
             # The replacement broke a constraint of the model; its data, redacted, will do.
             return data, count  # type: ignore[return-value]
     if isinstance(value, dict):
-        pairs = [(key, _substitute(item, pattern, replacement)) for key, item in value.items()]
+        pairs = [(key, change(item)) for key, item in value.items()]
         found = {key: item for key, (item, _) in pairs}
         return found, sum(n for _, (_, n) in pairs)  # type: ignore[return-value]
     if isinstance(value, (list, tuple)):
-        items = [_substitute(item, pattern, replacement) for item in value]
+        items = [change(item) for item in value]
         rebuilt = type(value)(item for item, _ in items)
         return rebuilt, sum(n for _, n in items)  # type: ignore[return-value]
     return value, 0
+
+
+def _search(pattern: regex.Pattern[str], text: str) -> bool:
+    """Whether `pattern` occurs in `text`; raises PatternTimeout when it takes too long."""
+    try:
+        return pattern.search(text, timeout=PATTERN_TIMEOUT_S, concurrent=True) is not None
+    except TimeoutError:
+        raise PatternTimeout from None
+
+
+@dataclasses.dataclass
+class _Redacted:
+    """What one redact rule did to a value, reported on the event loop once it is done."""
+
+    rule: Rule
+    replaced: int = 0
+    timed_out: str | None = None  # which regex ran out of time: "pattern", "match pattern"
 
 
 class RuleEngine:
@@ -288,17 +349,18 @@ class RuleEngine:
         """Run the rules of `event` in order over `ctx`: redaction first, then the actions."""
         rules = self._rules
         if event == "tool.execute.after":
-            ctx.output = self._redact(ctx, "tool_output", ctx.output, event=event)
+            ctx.output = await self._redact_off_loop(ctx, "tool_output", ctx.output, event)
         elif event == "chat.system.transform":
-            ctx.system = self._redact(ctx, "prompt", ctx.system, event=event)
+            ctx.system = await self._redact_off_loop(ctx, "prompt", ctx.system, event)
             for message in ctx.messages:
                 if message.get("role") == "user":
-                    message["content"] = self._redact(ctx, "prompt", message.get("content"),
-                                                      event=event)
+                    message["content"] = await self._redact_off_loop(
+                        ctx, "prompt", message.get("content"), event)
 
         for rule in rules:
             if (not rule.enabled or rule.trigger.event != event
-                    or isinstance(rule.action, Redact) or not self._matches(rule, ctx)
+                    or isinstance(rule.action, Redact)
+                    or not self._matches_or_report(rule, event, ctx)
                     or not self._cooled_down(rule, event, ctx.task.id)):
                 continue
             self._emit_fired(rule, event, ctx)
@@ -317,7 +379,16 @@ class RuleEngine:
             ctx.tool is None or not fnmatch.fnmatchcase(ctx.tool, trigger.tool)
         ):
             return False
-        return trigger.match_re is None or bool(trigger.match_re.search(ctx.subject))
+        return trigger.match_re is None or _search(trigger.match_re, ctx.subject)
+
+    def _matches_or_report(self, rule: Rule, event: str, ctx: RuleContext) -> bool:
+        """Whether the rule fires here; a `match` that runs out of time does not fire it."""
+        try:
+            return self._matches(rule, ctx)
+        except PatternTimeout:
+            self._emit_error(rule, event, ctx, f"its match pattern took longer than "
+                                               f"{PATTERN_TIMEOUT_S:g}s; the rule did not fire")
+            return False
 
     def _cooled_down(self, rule: Rule, event: str, task_id: str) -> bool:
         """Whether the rule may fire now; if so, its cooldown starts again."""
@@ -333,15 +404,54 @@ class RuleEngine:
         return True
 
     def _redact(self, ctx: RuleContext, target: str, value: V, *, event: str | None) -> V:
-        for rule in self._rules:
-            action = rule.action
-            if (not rule.enabled or not isinstance(action, Redact)
-                    or target not in rule.targets() or not self._matches(rule, ctx)):
-                continue
-            value, count = _substitute(value, action.compiled, action.replacement)
-            if count and event is not None:
-                self._emit_fired(rule, event, ctx, replaced=count)
+        """`value` through the redact rules of `target`, on the calling thread."""
+        value, done = self._filter(self._redactors(target), ctx, value)
+        self._report(done, ctx, target, event)
         return value
+
+    async def _redact_off_loop(self, ctx: RuleContext, target: str, value: V, event: str) -> V:
+        """`_redact` on a worker thread, so that a large value keeps the node answering."""
+        redactors = self._redactors(target)
+        if not redactors:
+            return value
+        value, done = await asyncio.to_thread(self._filter, redactors, ctx, value)
+        self._report(done, ctx, target, event)
+        return value
+
+    def _redactors(self, target: str) -> list[Rule]:
+        return [rule for rule in self._rules if rule.enabled and isinstance(rule.action, Redact)
+                and target in rule.targets()]
+
+    def _filter(self, redactors: list[Rule], ctx: RuleContext, value: V,
+                ) -> tuple[V, list[_Redacted]]:
+        """Apply `redactors` in order; touches nothing but `value`, so any thread may run it."""
+        done: list[_Redacted] = []
+        for rule in redactors:
+            action = rule.action
+            assert isinstance(action, Redact)
+            step = "match pattern"
+            try:
+                if not self._matches(rule, ctx):
+                    continue
+                step = "pattern"
+                deadline = time.monotonic() + PATTERN_TIMEOUT_S
+                value, count = _substitute(value, action.compiled, action.replacement, deadline)
+            except PatternTimeout:
+                # Fails closed: part of the value may still hold what the rule hides.
+                done.append(_Redacted(rule, timed_out=step))
+                return _withhold(value, f"[REDACTED: rule {rule.id} timed out]"), done
+            done.append(_Redacted(rule, replaced=count))
+        return value, done
+
+    def _report(self, done: list[_Redacted], ctx: RuleContext, target: str,
+                event: str | None) -> None:
+        for outcome in done:
+            if outcome.timed_out is not None:
+                self._emit_error(outcome.rule, event or TARGET_EVENTS[target], ctx,
+                                 f"its {outcome.timed_out} took longer than "
+                                 f"{PATTERN_TIMEOUT_S:g}s; the whole value was withheld")
+            elif outcome.replaced and event is not None:
+                self._emit_fired(outcome.rule, event, ctx, replaced=outcome.replaced)
 
     async def _act(self, rule: Rule, event: str, ctx: RuleContext) -> None:
         action = rule.action
@@ -375,6 +485,15 @@ class RuleEngine:
         self.node.events.emit(ctx.task.id, "rule.fired", {**data, **extra})
         log.debug("rule.fired", task_id=ctx.task.id, rule=rule.id, on=event,
                   action=rule.action.type)
+
+    def _emit_error(self, rule: Rule, event: str, ctx: RuleContext, error: str) -> None:
+        data: dict[str, Any] = {"rule": rule.id, "event": event, "action": rule.action.type,
+                                "error": f"rule {rule.id}: {error}"}
+        if ctx.call_id is not None:
+            data.update(call_id=ctx.call_id, tool=ctx.tool)
+        self.node.events.emit(ctx.task.id, "rule.error", data)
+        log.warning("rule.timed_out", task_id=ctx.task.id, rule=rule.id, on=event,
+                    error=error)
 
     def _payload(self, rule: Rule, event: str, ctx: RuleContext) -> dict[str, Any]:
         """The JSON a webhook receives; `id` is the same on every retry of one delivery."""

@@ -24,6 +24,7 @@ import difflib
 import re
 from typing import Annotated, Any, Literal, get_args
 
+import regex
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -41,6 +42,7 @@ from .models import Mode
 __all__ = [
     "ACTIONS_AT",
     "ACTION_TYPES",
+    "PATTERN_TIMEOUT_S",
     "SESSION_EVENTS",
     "TARGET_EVENTS",
     "TOOL_EVENTS",
@@ -55,10 +57,16 @@ __all__ = [
     "Trigger",
     "Webhook",
     "check_rules",
+    "compile_pattern",
     "parse_rules",
 ]
 
 Loc = tuple[str | int, ...]
+
+# How long one rule pattern may search or rewrite one value. Rule patterns run in the
+# `regex` engine, not `re`: a pattern that backtracks catastrophically would otherwise hold
+# the node (and the GIL, so no thread helps) for minutes on one tool output.
+PATTERN_TIMEOUT_S = 0.2
 
 # An HTTP header name: a token (RFC 9110, section 5.6.2).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -94,12 +102,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def compile_pattern(pattern: str) -> regex.Pattern[str]:
+    """A rule's regex, compiled by the engine that runs it (so what validates also runs)."""
+    return regex.compile(pattern)
+
+
 def _check_regex(pattern: str) -> str:
-    # TODO: a pattern that backtracks catastrophically stalls the node on a large tool output;
-    # Python's re has no time limit, and the rules' author is trusted like the node token.
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        compile_pattern(pattern)
+    except regex.error as exc:
         raise ValueError(f"not a valid regular expression: {exc}") from None
     return pattern
 
@@ -114,7 +125,7 @@ class Trigger(_Strict):
     match: str | None = Field(
         default=None, description="Regex searched in what the event shows (see the table).")
 
-    _match_re: re.Pattern[str] | None = PrivateAttr(default=None)
+    _match_re: regex.Pattern[str] | None = PrivateAttr(default=None)
 
     @field_validator("match")
     @classmethod
@@ -122,10 +133,10 @@ class Trigger(_Strict):
         return value if value is None else _check_regex(value)
 
     def model_post_init(self, context: Any) -> None:
-        self._match_re = re.compile(self.match) if self.match is not None else None
+        self._match_re = compile_pattern(self.match) if self.match is not None else None
 
     @property
-    def match_re(self) -> re.Pattern[str] | None:
+    def match_re(self) -> regex.Pattern[str] | None:
         return self._match_re
 
 
@@ -187,7 +198,7 @@ class Redact(_Strict):
     targets: list[Target] | None = Field(
         default=None, min_length=1, description="Where to filter; the rule's event if absent.")
 
-    _compiled: re.Pattern[str] = PrivateAttr()
+    _compiled: regex.Pattern[str] = PrivateAttr()
 
     @field_validator("pattern")
     @classmethod
@@ -195,10 +206,10 @@ class Redact(_Strict):
         return _check_regex(value)
 
     def model_post_init(self, context: Any) -> None:
-        self._compiled = re.compile(self.pattern)
+        self._compiled = compile_pattern(self.pattern)
 
     @property
-    def compiled(self) -> re.Pattern[str]:
+    def compiled(self) -> regex.Pattern[str]:
         return self._compiled
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,7 +23,7 @@ from agent_runtime.scripted_model import ScriptedModelServer, ToolCall, Turn
 from mesh.errors import ConfigError
 from mesh.runner import node_spec
 from mesh.topology import TopologyError, expand_nodes, load_topology
-from tests.conftest import TOKEN, make_config
+from tests.conftest import TOKEN, NodeProcess, make_config
 from tests.test_tasks import events_of, exec_step, submit, wait_final
 from tests.test_agent_loop import tool_messages
 
@@ -429,6 +430,99 @@ async def test_cooldown_keeps_a_rule_from_firing_again_for_the_same_task(
 
 
 # -- replacing rules and validation -----------------------------------------------------------
+
+
+# -- patterns that backtrack catastrophically -------------------------------------------------
+
+# A run of a's the patterns below cannot end with `$`: each start point tries every split.
+A_RUN = "printf 'a%.0s' $(seq 30); printf 'b\\n'"
+
+
+async def test_a_redact_pattern_that_backtracks_withholds_the_output_while_the_node_answers(
+    node_process: NodeProcess,
+) -> None:
+    node_process.workspace.mkdir(parents=True)
+    (node_process.workspace / "key.txt").write_text(f"{SECRET}\n")
+    node_process.start()
+    url, headers = node_process.url, {"Authorization": f"Bearer {TOKEN}"}
+    rules = [
+        # The pattern of the report: it backtracks in Python's re (minutes on 31 characters).
+        {"id": "reported", "trigger": {"event": "tool.execute.after"},
+         "action": {"type": "redact", "pattern": "(a+)+$"}},
+        # One that backtracks in any engine; it also hides keys, so the output must not leak.
+        {"id": "slow", "trigger": {"event": "tool.execute.after"},
+         "action": {"type": "redact", "pattern": r"sk-\w+|(a|aa)+$"}},
+    ]
+    steps = [exec_step(f"cat key.txt; {A_RUN}") for _ in range(5)]
+
+    async with aiohttp.ClientSession(headers=headers) as session:
+        response = await session.put(f"{url}/api/v1/agent/rules", json={"rules": rules})
+        assert response.status == 200, await response.text()
+        response = await session.post(f"{url}/api/v1/agent/tasks", json={"steps": steps})
+        task_id = (await response.json())["id"]
+
+        # The node answers health checks the whole time the task filters its outputs.
+        answered = 0
+        while True:
+            async with session.get(f"{url}/healthz",
+                                   timeout=aiohttp.ClientTimeout(total=10)) as health:
+                assert health.status == 200
+                answered += 1
+            async with session.get(f"{url}/api/v1/agent/tasks/{task_id}") as got:
+                task = await got.json()
+            if task["status"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.05)
+        assert task["status"] == "completed", task["error"]
+        async with session.ws_connect(f"{url}/api/v1/agent/ws?task_id={task_id}&after=0",
+                                      ) as ws:
+            events = [await asyncio.wait_for(ws.receive_json(), 10)]
+            while events[-1]["type"] != "task.completed":
+                events.append(await asyncio.wait_for(ws.receive_json(), 10))
+
+    assert answered >= 1
+    marker = "[REDACTED: rule slow timed out]"
+    assert [(step["stdout"], step["exit_code"]) for step in task["result"]] == [(marker, 0)] * 5
+    assert SECRET not in json.dumps(task) and SECRET not in json.dumps(events)
+    errors = [e["data"] for e in events if e["type"] == "rule.error"]
+    assert [(e["rule"], e["event"]) for e in errors] == [("slow", "tool.execute.after")] * 5
+    assert "longer than" in errors[0]["error"]
+
+
+async def test_a_match_that_backtracks_does_not_fire_its_rule_and_says_which_rule(
+    client: TestClient, workspace: Path
+) -> None:
+    await put_rules(client, [{
+        "id": "slow-match", "trigger": {"event": "tool.execute.before", "match": "(a|aa)+$"},
+        "action": {"type": "block", "reason": "never decided"}}])
+
+    task_id = await submit(client, steps=[exec_step("echo " + "a" * 30 + "b > run.txt")])
+    task = await wait_final(client, task_id)
+
+    assert task["status"] == "completed", task["error"]
+    assert (workspace / "run.txt").read_text() == "a" * 30 + "b\n"
+    events = await events_of(client, task_id)
+    assert not [e for e in events if e["type"] == "rule.fired"]
+    errors = [e["data"] for e in events if e["type"] == "rule.error"]
+    assert [(e["rule"], e["event"]) for e in errors] == [("slow-match", "tool.execute.before")]
+    assert "did not fire" in errors[0]["error"]
+
+
+async def test_a_redact_rule_whose_match_backtracks_withholds_rather_than_leaks(
+    client: TestClient,
+) -> None:
+    await put_rules(client, [{
+        "id": "keys-in-a-runs", "trigger": {"event": "tool.execute.after", "match": "(a|aa)+$"},
+        "action": {"type": "redact", "pattern": r"sk-\w+"}}])
+
+    task_id = await submit(client, steps=[exec_step(f"echo {SECRET} " + "a" * 30 + "b")])
+    task = await wait_final(client, task_id)
+
+    assert task["status"] == "completed", task["error"]
+    assert task["result"][0]["stdout"] == "[REDACTED: rule keys-in-a-runs timed out]"
+    events = await events_of(client, task_id)
+    assert SECRET not in json.dumps(events)
+    assert [e["data"]["rule"] for e in events if e["type"] == "rule.error"]
 
 
 async def test_put_with_an_invalid_regex_is_refused_naming_the_field_and_keeps_the_old_rules(
