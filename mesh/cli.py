@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
 import traceback
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Awaitable, Callable, Sequence
 
 from .errors import (
@@ -129,6 +130,12 @@ async def cmd_task(args: argparse.Namespace, out: Output) -> int:
             steps = json.loads(Path(args.steps).read_text())
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot read steps from {args.steps}: {exc}", EXIT_USAGE) from exc
+        if not isinstance(steps, list):
+            # A common slip: the file holds a whole task ({"steps": [...]}), not its steps.
+            hint = " (it holds an object; put the list of steps itself in the file)" \
+                if isinstance(steps, dict) else ""
+            raise CliError(f"{args.steps}: steps must be a JSON list of "
+                           f'{{"tool": ..., "args": {{...}}}} objects{hint}', EXIT_USAGE)
     if not args.text.strip() and not steps:
         raise CliError("say what to do: give TEXT, or --steps FILE", EXIT_USAGE)
     async with open_peer(args, args.node) as peer:
@@ -252,11 +259,20 @@ async def cmd_exec(args: argparse.Namespace, out: Output) -> int:
     return min(result.exit_code, 255)
 
 
+_URL_AND_PATH = re.compile(
+    r"(?P<url>https?://(?:\[[^\]]*\]|[^/:\[]+)(?::\d+)?+(?:/[^:]*)?):(?P<path>.*)", re.S)
+
+
 def _split_remote(spec: str) -> tuple[str | None, str]:
-    """`node:path` -> (node, path); a local path (also one with a drive-less colon) -> None."""
+    """`node:path` or `URL:path` -> (node, path); a local path -> (None, path)."""
     if spec.startswith(("http://", "https://")):
-        base, _, path = spec.partition("::")
-        return base, path
+        # The path starts at the first ':' past the URL's host and port (and any URL path).
+        match = _URL_AND_PATH.fullmatch(spec)
+        if match is None:
+            raise CliError(f"say which path on {spec.rstrip('/')}: URL:PATH, e.g. "
+                           f"{spec.rstrip('/')}:notes.txt", EXIT_USAGE)
+        # `URL::PATH` was the old spelling; its extra ':' is not part of the path.
+        return match["url"].rstrip("/"), match["path"].removeprefix(":")
     node, sep, path = spec.partition(":")
     if sep and node and "/" not in node:
         return node, path
@@ -270,26 +286,98 @@ async def cmd_cp(args: argparse.Namespace, out: Output) -> int:
         raise CliError("cp copies between a node and this machine: one side must be "
                        "NODE:PATH and the other a local path", EXIT_USAGE)
     if src_node is not None:
-        if not src:
-            raise CliError(f"say which file to copy from {src_node}: NODE:PATH", EXIT_USAGE)
-        target = Path(dst)
-        if target.is_dir():
-            target = target / Path(src).name
-        if not target.parent.is_dir():
-            raise CliError(f"no such local folder: {target.parent}", EXIT_USAGE)
         async with open_peer(args, src_node) as peer:
-            await _on_path(args.src, peer.download(src, target))
-        out.data({"copied": str(target)}, f"{args.src} -> {target}")
+            copied = await _download(peer, args.src, src, dst)
+        out.data({"copied": str(copied)}, f"{args.src} -> {copied}")
         return EXIT_OK
-    local = Path(src)
-    if not local.is_file():
-        raise CliError(f"no such local file: {local}", EXIT_USAGE)
     assert dst_node is not None
-    remote = dst if dst and not dst.endswith("/") else f"{dst}{local.name}"
+    local = Path(src)
+    if not local.exists():
+        raise CliError(f"no such local file or folder: {local}", EXIT_USAGE)
+    if not (local.is_file() or local.is_dir()):
+        raise CliError(f"{local} is neither a file nor a folder", EXIT_USAGE)
     async with open_peer(args, dst_node) as peer:
-        info = await _on_path(args.dst, peer.upload(local, remote))
+        info = await _upload(peer, args.dst, local, dst)
     out.data(info, f"{local} -> {dst_node}:{info.path}")
     return EXIT_OK
+
+
+async def _download(peer: Any, where: str, src: str, dst: str) -> Path:
+    """Copy a node file or folder (recursively) to `dst`, as `docker cp` does."""
+    info = await _on_path(where, peer.stat(src))
+    target = Path(dst)
+    wants_folder = dst.endswith(("/", os.sep))
+    if target.is_dir():
+        # Into an existing folder, under the source's own name.
+        target = target / PurePosixPath(info.path).name
+    elif wants_folder:
+        # A trailing slash names a folder: make it (its parent must exist, as for a file).
+        if not target.parent.is_dir():
+            raise CliError(f"no such local folder: {target.parent}", EXIT_USAGE)
+        target.mkdir()
+        target = target / PurePosixPath(info.path).name
+    if not target.parent.is_dir():
+        raise CliError(f"no such local folder: {target.parent}", EXIT_USAGE)
+
+    if info.type == "file":
+        if target.is_dir():
+            raise CliError(f"a folder is in the way: {target}", EXIT_USAGE)
+        await _on_path(where, peer.download(src, target))
+        return target
+    if info.type != "dir":
+        raise CliError(f"{where} is a {info.type}, not a file or folder", EXIT_USAGE)
+
+    # A folder: a missing target becomes the copy; an existing file cannot.
+    if target.exists() and not target.is_dir():
+        raise CliError(f"cannot copy folder {where} onto file {target}", EXIT_USAGE)
+    listing = await _on_path(where, peer.list(src, recursive=True))
+    if listing.truncated:
+        # TODO: page through folders larger than the node's listing cap.
+        raise CliError(f"{where} holds more entries than one listing returns; copy its "
+                       "subfolders one by one", EXIT_FAILED)
+    base = PurePosixPath(info.path)
+    target.mkdir(exist_ok=True)
+    for entry in listing.entries:
+        below = PurePosixPath(entry.path)
+        relative = below.relative_to(base) if info.path not in ("", ".") else below
+        local = target.joinpath(*relative.parts)
+        if entry.type == "dir":
+            local.mkdir(parents=True, exist_ok=True)
+        elif entry.type == "file":
+            local.parent.mkdir(parents=True, exist_ok=True)
+            await _on_path(f"{where}/{relative}", peer.download(entry.path, local))
+        else:
+            sys.stderr.write(f"mesh: skipped {entry.path}: a {entry.type}, not copied\n")
+    return target
+
+
+async def _upload(peer: Any, where: str, local: Path, dst: str) -> Any:
+    """Copy a local file or folder (recursively) to the node's `dst`, as `docker cp` does."""
+    remote = dst.rstrip("/")
+    into_folder = not remote or dst.endswith("/")
+    if not into_folder:
+        try:
+            into_folder = (await peer.stat(remote)).type == "dir"
+        except PeerRequestError as exc:
+            if exc.status != 404:
+                raise CliError(f"{where}: {exc.reason}", _request_code(exc)) from exc
+    if into_folder:
+        remote = f"{remote}/{local.name}" if remote else local.name
+
+    if local.is_file():
+        return await _on_path(where, peer.upload(local, remote))
+    for folder, subfolders, files in os.walk(local):
+        subfolders.sort()
+        here = Path(folder).relative_to(local)
+        remote_here = (PurePosixPath(remote) / here.as_posix()).as_posix()
+        await _on_path(f"{where}/{here}", peer.mkdir(remote_here))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_symlink() or not path.is_file():
+                sys.stderr.write(f"mesh: skipped {path}: not a regular file\n")
+                continue
+            await _on_path(f"{where}/{here / name}", peer.upload(path, f"{remote_here}/{name}"))
+    return await _on_path(where, peer.stat(remote))
 
 
 async def _on_path(where: str, call: Awaitable[Any]) -> Any:
@@ -315,9 +403,21 @@ async def cmd_restore(args: argparse.Namespace, out: Output) -> int:
 
 
 async def cmd_logs(args: argparse.Namespace, out: Output) -> int:
+    from .context import list_contexts
     from .runner import node_logs
 
-    text = await node_logs(args.node, mesh=args.mesh, tail=args.tail)
+    node, mesh = args.node, args.mesh
+    if node.startswith(("http://", "https://")):
+        # A node has no route for its own log: the log is kept by what started it, so a URL
+        # works only for a node of a mesh this machine brought up.
+        url = node.rstrip("/")
+        found = [(ctx.mesh, name) for ctx in list_contexts() for name, info in ctx.nodes.items()
+                 if info.url.rstrip("/") == url]
+        if not found:
+            raise CliError(f"no log for {url}: logs are kept for the nodes of a mesh that is "
+                           "up here; give its node name (see `mesh ps`)", EXIT_USAGE)
+        mesh, node = found[0]
+    text = await node_logs(node, mesh=mesh, tail=args.tail)
     out.data({"logs": text}, text)
     return EXIT_OK
 
@@ -365,15 +465,38 @@ async def cmd_validate(args: argparse.Namespace, out: Output) -> int:
     from .topology import validate_file, validation_report
 
     if out.as_json:
-        problems = validate_file(Path(args.file), overrides=args.set)
+        problems = validate_file(Path(args.file), overrides=args.set,
+                                 check_paths=not args.skip_paths)
         out.data({"ok": not problems, "problems": [p.to_dict() for p in problems]})
         return EXIT_USAGE if problems else EXIT_OK
-    code, lines = validation_report(Path(args.file), overrides=args.set)
+    code, lines = validation_report(Path(args.file), overrides=args.set,
+                                    check_paths=not args.skip_paths)
     (sys.stdout if code == 0 else sys.stderr).write("\n".join(lines) + "\n")
     return EXIT_OK if code == 0 else EXIT_USAGE
 
 
 # -- parser -----------------------------------------------------------------------------------
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                   cmd_tail)
     sub.add_argument("node")
     sub.add_argument("task", nargs="?")
-    sub.add_argument("--after", type=int, default=None, help="start after this event seq")
+    sub.add_argument("--after", type=_count, default=None,
+                     help="start after this event seq (0 or more)")
 
     sub = command("exec", "run a command on a node; exit with the command's exit code",
                   cmd_exec)
@@ -444,11 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one shell command line, or words after --; options of `mesh "
                      "exec` go before NODE")
     sub.add_argument("--cwd", help="folder to run in, relative to the workspace")
-    sub.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    sub.add_argument("--timeout", type=_positive_seconds, default=600.0,
+                     help="seconds, more than 0 (default 600)")
 
-    sub = command("cp", "copy a file between a node (NODE:PATH) and this machine", cmd_cp)
-    sub.add_argument("src")
-    sub.add_argument("dst")
+    sub = command("cp", "copy a file or folder (recursively) between a node and this "
+                  "machine, as docker cp does; a node side is NODE:PATH or URL:PATH", cmd_cp)
+    sub.add_argument("src", help="NODE:PATH, URL:PATH or a local path")
+    sub.add_argument("dst", help="NODE:PATH, URL:PATH or a local path; a trailing / means "
+                     "a folder")
 
     sub = command("snapshot", "snapshot a node's workspace", cmd_snapshot)
     sub.add_argument("node")
@@ -458,9 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("node")
     sub.add_argument("snapshot", help="snapshot id or alias")
 
-    sub = command("logs", "show a node's own log", cmd_logs)
+    sub = command("logs", "show a node's own log (a node of a mesh that is up here: its "
+                  "name, or its URL as `mesh ps` shows it)", cmd_logs)
     sub.add_argument("node")
-    sub.add_argument("--tail", type=int, default=200, help="lines (default 200)")
+    sub.add_argument("--tail", type=_count, default=200, help="lines (default 200)")
 
     sub = command("down", "stop and remove a mesh's nodes", cmd_down)
     sub.add_argument("file", nargs="?", help="the topology whose mesh to remove")
@@ -468,7 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("validate", "check a topology file and print every problem", cmd_validate)
     sub.add_argument("file")
-    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a topology value before checking, as `mesh run --set` "
+                     "does, e.g. mesh.workspace.path=./project")
+    sub.add_argument("--skip-paths", action="store_true",
+                     help="do not check that local workspace folders and archives exist "
+                     "(for a file meant for another machine)")
     return parser
 
 
@@ -571,6 +704,9 @@ def explain(exc: Exception, node_names: dict[str, str]) -> tuple[int, str]:
         return exc.code, str(exc)
     if isinstance(exc, ConfigError):
         return EXIT_USAGE, str(exc)
+    if _is_validation_error(exc):
+        # A value the caller gave was checked on this side before it was sent.
+        return EXIT_USAGE, _validation_message(exc)
     if isinstance(exc, PeerError):
         node = node_names.get(exc.url, exc.url)
         task = f" (task {exc.task_id})" if exc.task_id else ""
@@ -585,6 +721,21 @@ def explain(exc: Exception, node_names: dict[str, str]) -> tuple[int, str]:
     if isinstance(exc, (MeshError, OSError)):
         return EXIT_FAILED, str(exc)
     return EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _is_validation_error(exc: Exception) -> bool:
+    # pydantic is loaded only by commands that talk to a node; do not import it for this.
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(exc, pydantic.ValidationError)
+
+
+def _validation_message(exc: Any) -> str:
+    """One line: each field that was wrong and why, e.g. `timeout_s: ... greater than 0`."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error.get("loc", ())) or exc.title
+        parts.append(f"{field}: {error.get('msg', 'invalid value')}")
+    return f"invalid {exc.title}: " + "; ".join(parts)
 
 
 def _request_code(exc: PeerRequestError) -> int:

@@ -673,8 +673,13 @@ class Peer:
                     heartbeat=max(self.timeout / 2, 1.0), max_msg_size=MAX_WS_MESSAGE,
                 )
             except aiohttp.ClientResponseError as exc:
-                # aiohttp drops the body of a refused handshake; the status is what is left.
+                # aiohttp drops the body of a refused handshake. The node checks a stream's
+                # query (task id, after) before upgrading, so the same GET without the
+                # upgrade gets the same refusal with its message, which _send raises.
                 self._answered = True
+                if 400 <= exc.status < 500:
+                    plain = await self._send("GET", path, params=params, task_id=task_id)
+                    plain.release()
                 reason = f"WebSocket handshake refused ({exc.message})"
                 raise self._refusal(exc.status, reason, b"", task_id) from exc
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

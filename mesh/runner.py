@@ -370,6 +370,7 @@ async def run(file: Path, *, overrides: Sequence[str] = (), keep: bool = False,
     started = time.monotonic()
     existing = _existing(topology.mesh.name)
     if existing is not None:
+        _check_same_nodes(topology, existing)
         progress(f"mesh {topology.mesh.name} is already up; using its nodes")
         nodes = existing.nodes
         reports = await run_tasks(topology, nodes, progress)
@@ -434,6 +435,18 @@ def _existing(mesh: str) -> MeshContext | None:
     return ctx if ctx.supervisor_pid and _alive(ctx.supervisor_pid) else None
 
 
+def _check_same_nodes(topology: Topology, ctx: MeshContext) -> None:
+    """A mesh that is up under this name must have the nodes this topology's tasks name."""
+    wanted = [instance.name for instance in expand_nodes(topology)]
+    missing = [name for name in wanted if name not in ctx.nodes]
+    if missing:
+        where = f" ({ctx.topology})" if ctx.topology else ""
+        raise ConfigError(
+            f"mesh {ctx.mesh} is up from a different topology{where} (nodes: "
+            f"{', '.join(ctx.nodes) or 'none'}; this one needs {', '.join(missing)}); "
+            f"mesh down --mesh {ctx.mesh} first, or set another mesh.name")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -450,6 +463,7 @@ async def up(file: Path, *, overrides: Sequence[str] = (), progress: Progress) -
     topology = load_topology(file, overrides)
     existing = _existing(topology.mesh.name)
     if existing is not None:
+        _check_same_nodes(topology, existing)
         return existing
 
     log_path = _log_path(topology.mesh.name)
@@ -588,7 +602,9 @@ async def node_logs(node: str, *, mesh: str | None, tail: int) -> str:
         spawner: Spawner = DockerSpawner(ctx.mesh) if ctx.backend == "docker" \
             else LocalSpawner(ctx.mesh, root_dir=_mesh_folder(ctx.mesh) / "nodes")
         return await spawner.logs(info.id, tail=tail)
-    raise ConfigError(f"no node {node!r} in a mesh that is up")
+    known = sorted({name for ctx in contexts for name in ctx.nodes})
+    raise ConfigError(f"no node {node!r} in a mesh that is up "
+                      f"(nodes: {', '.join(known) or 'none'})")
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -885,8 +885,28 @@ def _locate(doc: _Document, file: str, loc: Loc, message: str) -> Problem:
     return Problem(file, None, None, key, message)
 
 
+def _host_path_problems(topology: Topology) -> list[tuple[Loc, str]]:
+    """Local workspace folders and archives that are not there: `mesh run` would stop on them."""
+    declared: list[tuple[Loc, WorkspaceDecl]] = [
+        (("nodes", index, "workspace"), decl.workspace)
+        for index, decl in enumerate(topology.nodes) if decl.workspace is not None]
+    if topology.mesh.workspace is not None and any(d.workspace is None for d in topology.nodes):
+        declared.append((("mesh", "workspace"), topology.mesh.workspace))
+    found: list[tuple[Loc, str]] = []
+    for loc, decl in declared:
+        if decl.path is not None and not topology.resolve_path(decl.path).is_dir():
+            found.append(((*loc, "path"), f"no folder {topology.resolve_path(decl.path)}; "
+                          "create it, or point it elsewhere (e.g. --set "
+                          f"{format_loc((*loc, 'path'))}=../my-app)"))
+        archive = decl.archive
+        if archive is not None and "://" not in archive \
+                and not topology.resolve_path(archive).is_file():
+            found.append(((*loc, "archive"), f"no archive {topology.resolve_path(archive)}"))
+    return found
+
+
 def _check(path: str | Path, overrides: Mapping[str, str] | Iterable[str] | None,
-           ) -> tuple[Topology | None, list[Problem]]:
+           check_paths: bool = False) -> tuple[Topology | None, list[Problem]]:
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -913,6 +933,9 @@ def _check(path: str | Path, overrides: Mapping[str, str] | Iterable[str] | None
 
     # Reference checks read the raw data, so they still run when the schema found problems.
     found.extend(_reference_problems(doc.data))
+    if check_paths and topology is not None:
+        topology._source = Path(path).resolve()
+        found.extend(_host_path_problems(topology))
     problems = doc.problems + [_locate(doc, file, loc, message) for loc, message in found]
     problems.sort(key=lambda p: (p.line is None, p.line or 0, p.column or 0))
     if problems:
@@ -932,16 +955,18 @@ def load_topology(path: str | Path,
 
 
 def validate_file(path: str | Path,
-                  overrides: Mapping[str, str] | Iterable[str] | None = None) -> list[Problem]:
-    """Every problem of a topology file; empty when it is valid."""
-    return _check(path, overrides)[1]
+                  overrides: Mapping[str, str] | Iterable[str] | None = None,
+                  check_paths: bool = False) -> list[Problem]:
+    """Every problem of a topology file (with `check_paths`, missing local workspace folders
+    and archives too); empty when it is valid."""
+    return _check(path, overrides, check_paths)[1]
 
 
 def validation_report(path: str | Path,
                       overrides: Mapping[str, str] | Iterable[str] | None = None,
-                      ) -> tuple[int, list[str]]:
+                      check_paths: bool = False) -> tuple[int, list[str]]:
     """What `mesh validate` prints, and its exit code: 1 with every problem, or 0 and a summary."""
-    topology, problems = _check(path, overrides)
+    topology, problems = _check(path, overrides, check_paths)
     if problems or topology is None:
         return 1, [str(problem) for problem in problems]
     nodes, tasks = len(topology.nodes), len(topology.tasks)

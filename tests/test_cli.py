@@ -235,6 +235,27 @@ def test_validate_prints_every_problem_and_its_json_parses(sh: Shell) -> None:
         == "ok: 1 node, 2 tasks\n"
 
 
+def test_validate_reports_a_missing_workspace_folder_that_run_would_stop_on(sh: Shell) -> None:
+    write(sh.cwd, "work.yaml", """\
+        mesh:
+          name: work
+          workspace:
+            path: ./project
+        nodes: [{name: worker}]
+        tasks:
+          - {name: t, node: worker, steps: [{tool: terminal_exec, args: {command: ls}}]}
+        """)
+
+    missing = sh("validate", "work.yaml")
+    elsewhere = sh("validate", "work.yaml", "--set", f"mesh.workspace.path={sh.cwd}")
+    skipped = sh("validate", "work.yaml", "--skip-paths")
+
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(
+        f"work.yaml:4: mesh.workspace.path: no folder {sh.cwd / 'project'};")
+    assert elsewhere.returncode == 0 and skipped.returncode == 0
+
+
 # -- the command line itself ------------------------------------------------------------------
 
 
@@ -439,6 +460,89 @@ def test_logs_show_the_nodes_own_log(live: Shell) -> None:
     assert f'"url": "{url}"' in as_json["logs"]
 
 
+def test_values_refused_on_this_side_exit_2_naming_the_field(live: Shell) -> None:
+    whole_task = write(live.cwd, "whole-task.json", json.dumps(
+        {"steps": [{"tool": "terminal_exec", "args": {"command": "true"}}]}))
+    no_tool = write(live.cwd, "no-tool.json", json.dumps([{"args": {"command": "true"}}]))
+
+    zero_timeout = live("exec", "--timeout", "0", "worker", "--", "true")
+    wrapped = live("task", "worker", "--steps", str(whole_task))
+    missing = live("task", "worker", "--steps", str(no_tool))
+    negative_tail = live("logs", "worker", "--tail", "-1")
+
+    for done in (zero_timeout, wrapped, missing, negative_tail):
+        assert done.returncode == 2, done.stderr
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert "--timeout: must be more than 0 seconds" in zero_timeout.stderr
+    [line] = wrapped.stderr.splitlines()
+    assert "steps must be a JSON list" in line and "it holds an object" in line
+    [line] = missing.stderr.splitlines()
+    assert "steps.0.tool: Field required" in line
+    assert "--tail: must be 0 or more" in negative_tail.stderr
+
+
+def test_tail_of_an_unknown_task_or_a_negative_seq_shows_the_nodes_message(
+        live: Shell) -> None:
+    unknown = live("tail", "worker", "nope")
+    negative = live("tail", "worker", "--after", "-5")
+
+    assert unknown.returncode == 2
+    assert unknown.stderr == "mesh: worker (task nope): no task 'nope'\n"
+    assert negative.returncode == 2 and "must be 0 or more" in negative.stderr
+
+
+def test_cp_takes_a_node_url_and_copies_folders_whole_both_ways(live: Shell) -> None:
+    url = next(row["url"] for row in live.json("ps") if row["node"] == "worker")
+    [record] = (live.home / "meshes").glob("*.json")
+    token = json.loads(record.read_text())["nodes"]["worker"]["token"]
+    tree = live.cwd / "tree"
+    (tree / "sub").mkdir(parents=True, exist_ok=True)
+    (tree / "top.txt").write_text("top\n")
+    (tree / "sub" / "deep.txt").write_text("deep\n")
+    live("exec", "worker", "rm -rf shared; mkdir shared")
+
+    up = live("cp", str(tree), "worker:shared")
+    fresh = live("cp", "worker:shared/tree", str(live.cwd / "copied"))
+    into = live("cp", "worker:shared/tree", str(live.cwd / "newdir") + "/")
+    via_url = live("cp", "--token", token, str(tree / "top.txt"), f"{url}:via-url.txt")
+    no_token = live("cp", str(tree / "top.txt"), f"{url}:via-url.txt")
+
+    assert up.returncode == 0, up.stderr
+    assert live("exec", "worker", "cat shared/tree/sub/deep.txt").stdout == "deep\n"
+    assert fresh.returncode == 0, fresh.stderr
+    assert (live.cwd / "copied" / "sub" / "deep.txt").read_text() == "deep\n"
+    assert (live.cwd / "copied" / "top.txt").read_text() == "top\n"
+    assert into.returncode == 0, into.stderr
+    assert (live.cwd / "newdir" / "tree" / "sub" / "deep.txt").read_text() == "deep\n"
+    assert via_url.returncode == 0, via_url.stderr
+    assert live("exec", "worker", "cat via-url.txt").stdout == "top\n"
+    assert no_token.returncode == 2 and "no token for" in no_token.stderr
+
+
+def test_a_file_into_a_missing_folder_with_a_trailing_slash_makes_the_folder(
+        live: Shell) -> None:
+    live("exec", "worker", "echo note > note.txt")
+
+    done = live("cp", "worker:note.txt", str(live.cwd / "made") + "/")
+
+    assert done.returncode == 0, done.stderr
+    assert (live.cwd / "made" / "note.txt").read_text() == "note\n"
+
+
+def test_logs_of_a_url_that_is_no_node_of_a_mesh_here_says_what_to_give(live: Shell) -> None:
+    url = next(row["url"] for row in live.json("ps") if row["node"] == "worker")
+    stranger = f"http://127.0.0.1:{closed_port()}"
+
+    by_url = live("logs", url, "--tail", "50")
+    unknown = live("logs", stranger)
+
+    assert by_url.returncode == 0, by_url.stderr
+    assert "node.ready" in by_url.stdout
+    assert unknown.returncode == 2
+    assert unknown.stderr == (f"mesh: no log for {stranger}: logs are kept for the nodes of a "
+                              "mesh that is up here; give its node name (see `mesh ps`)\n")
+
+
 # -- down and run -----------------------------------------------------------------------------
 
 PIPELINE = """\
@@ -571,6 +675,49 @@ def test_ctrl_c_during_run_stops_every_node_and_leaves_nothing_behind(sh: Shell)
     assert out == ""
     assert sh.processes() == []
     assert sh.leftovers() == []
+
+
+def test_run_of_another_topology_under_a_mesh_name_that_is_up_says_to_take_it_down(
+        sh: Shell) -> None:
+    name = f"same-{secrets.token_hex(3)}"
+    write(sh.cwd, "first.yaml", f"mesh: {{name: {name}}}\nnodes: [{{name: alpha}}]\n")
+    write(sh.cwd, "other.yaml", f"""\
+        mesh: {{name: {name}}}
+        nodes: [{{name: beta}}]
+        tasks:
+          - {{name: t, node: beta, steps: [{{tool: terminal_exec, args: {{command: "true"}}}}]}}
+        """)
+    assert sh("up", "first.yaml").returncode == 0
+
+    done = sh("run", "other.yaml")
+
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"mesh: mesh {name} is up from a different topology")
+    assert "(nodes: alpha; this one needs beta)" in line and f"mesh down --mesh {name}" in line
+    assert sh("down", "first.yaml").returncode == 0
+
+
+def test_ctrl_c_as_a_run_starts_prints_only_that_it_was_interrupted(sh: Shell) -> None:
+    write(sh.cwd, "quick.yaml", f"""\
+        mesh: {{name: quick-{secrets.token_hex(3)}}}
+        nodes: [{{name: sleeper, count: 2}}]
+        tasks:
+          - name: nap
+            node: sleeper
+            steps: [{{tool: terminal_exec, args: {{command: "true"}}}}]
+        """)
+    run = sh.start("run", "quick.yaml")
+    try:
+        wait_for_line(run.stderr, "sleeper")
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+
+    assert run.returncode == 130, err
+    assert "never retrieved" not in err and "Traceback" not in err
+    assert err.splitlines()[-1] == "mesh: interrupted"
+    assert sh.processes() == [] and sh.leftovers() == []
 
 
 # -- the quickstart ---------------------------------------------------------------------------

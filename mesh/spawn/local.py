@@ -158,9 +158,13 @@ class _ForkServer:
             gone = EOFError("the fork server exited")
             if not self._hello.done():
                 self._hello.set_exception(gone)
+                # Marked as seen: a start() that was cancelled (Ctrl+C) no longer awaits it,
+                # and asyncio would report it as "never retrieved"; an awaiter still gets it.
+                self._hello.exception()
             for child in self.children.values():
                 if not child.spawned.done():
                     child.spawned.set_exception(SpawnError(str(gone)))
+                    child.spawned.exception()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         assert self._hello is not None
