@@ -16,6 +16,7 @@ from mesh.errors import ConfigError
 
 from .config import NodeConfig
 from .events import EventBus
+from .groups import GroupLedger
 from .mcp import McpEndpoint, McpServers
 from .metrics import Metrics
 from .orphans import OrphanReaper
@@ -74,13 +75,17 @@ class Node:
         self.store = Store(config.state_dir / "node.db")
         self.events = EventBus(self.store, self.metrics, buffer=config.subscriber_buffer)
         self.tools = ToolRegistry()
+        # Commands and daemons run in sessions of their own; a killed node's are ended here.
+        self.groups = GroupLedger(config.state_dir / "process-groups")
         # Full outputs of cut commands live in the workspace, where the files API reads them.
         self.terminal = Terminal(
             self.workspace, self.workspace.root / ".peermesh" / "exec", config.exec_output_cap,
-            metrics=self.metrics,
+            metrics=self.metrics, groups=self.groups,
         )
         self.files = Files(self.workspace)
-        self.daemons = Daemons(self.workspace, config.logs_dir / "daemons", self.metrics)
+        self.daemons = Daemons(
+            self.workspace, config.logs_dir / "daemons", self.metrics, groups=self.groups
+        )
         self.snapshots = Snapshots(self.workspace, config.state_dir / "snapshots")
         self.tasks = TaskManager(self)
         self.gateway = Gateway(self)
@@ -108,6 +113,10 @@ class Node:
         for service in (terminal, files, daemons, snapshots, peers):
             service.register_tools(self)
         self.tasks.recover()
+        leftovers = self.groups.kill_leftovers()
+        if leftovers:
+            log.warning("node.leftover_processes_killed", node=self.config.name,
+                        groups=len(leftovers))
         await self.daemons.start()
         await self.mcp_endpoint.start()
         await self.mcp_servers.start()
@@ -132,6 +141,7 @@ class Node:
         await self.daemons.close()
         await self.peers.close()
         await self.terminal.close()
+        self.groups.close()
         self.events.close()
         await self.orphans.close()
         self.store.close()

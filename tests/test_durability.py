@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -86,3 +90,75 @@ async def test_sigterm_interrupts_running_work_and_exits_zero_promptly(
     assert took < 10
     assert task["status"] == "interrupted"
     assert "shutting down" in task["error"]
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether any process of the group (or session) still runs; zombies do not count."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if pgid in (int(fields[2]), int(fields[3])) and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+async def test_a_restarted_node_ends_the_commands_and_daemons_its_killed_run_left(
+    node_process: NodeProcess,
+) -> None:
+    node_process.start()
+    async with aiohttp.ClientSession(headers=HEADERS) as session:
+        response = await session.post(f"{node_process.url}/api/v1/daemons",
+                                      json={"name": "sleeper", "command": "sleep 1000"})
+        daemon_pgid = (await response.json())["pid"]
+        pid_file = node_process.workspace / "exec.pid"
+        running = asyncio.create_task(session.post(
+            f"{node_process.url}/api/v1/terminal/exec",
+            json={"command": "echo $$ > exec.pid; sleep 100", "timeout_s": 600}))
+        async with asyncio.timeout(15):
+            while not pid_file.exists() or not pid_file.read_text().strip():
+                await asyncio.sleep(0.02)
+        exec_pgid = int(pid_file.read_text())
+
+        try:
+            node_process.kill(signal.SIGKILL)
+            # Their sessions of their own outlive the node's death; that is the fault to fix.
+            assert _group_running(daemon_pgid) and _group_running(exec_pgid)
+            with contextlib.suppress(aiohttp.ClientError):
+                await running
+            node_process.start()
+
+            async with asyncio.timeout(15):
+                while _group_running(daemon_pgid) or _group_running(exec_pgid):
+                    await asyncio.sleep(0.05)
+            assert (await session.get(f"{node_process.url}/healthz")).status == 200
+        finally:
+            # Should the node fail to, the test ends the sleeps it left.
+            for pgid in (daemon_pgid, exec_pgid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+
+
+async def test_a_leftover_group_whose_pid_was_reused_is_left_alone(
+    node_process: NodeProcess,
+) -> None:
+    # A process unrelated to the node, started in a session of its own like a command.
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        node_process.state_dir.mkdir(parents=True)
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        # Recorded under its pid with another start time: the pid was reused since.
+        (node_process.state_dir / "process-groups").write_text(
+            f"boot {boot_id}\n+ {bystander.pid} 1 exec\n")
+
+        node_process.start()
+
+        assert bystander.poll() is None
+        assert _group_running(bystander.pid)
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mesh.errors import BadRequest, Conflict, NotFound, Unavailable
 from mesh.models import DaemonInfo, DaemonSpec, DaemonStatus
 
+from ..groups import GroupLedger
 from ..http import json_response, read_model
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
@@ -83,8 +84,12 @@ class _Daemon:
 class Daemons:
     """Starts, supervises and stops the node's daemons."""
 
-    def __init__(self, workspace: Workspace, log_dir: Path, metrics: Metrics) -> None:
+    def __init__(
+        self, workspace: Workspace, log_dir: Path, metrics: Metrics,
+        groups: GroupLedger | None = None,
+    ) -> None:
         self.workspace = workspace
+        self.groups = groups
         self.log_dir = log_dir
         self.metrics = metrics
         self._daemons: dict[str, _Daemon] = {}
@@ -225,6 +230,8 @@ class Daemons:
             )
         finally:
             os.close(log_fd)
+        if self.groups is not None:
+            self.groups.record(proc.pid, "daemon")
         daemon.pid = proc.pid
         daemon.status = DaemonStatus.RUNNING
         daemon.started_at = time.time()
@@ -286,6 +293,8 @@ class Daemons:
         # Whatever the daemon left behind in its group goes with it, so that restarts do not
         # pile up orphans holding ports and files.
         await _terminate_group(proc.pid)
+        if self.groups is not None:
+            self.groups.forget(proc.pid)
         daemon.pid = None
         daemon.exit_code = code
         self._count_running()

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mesh.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unavailable
 from mesh.models import ExecRequest, ExecResult
 
+from ..groups import GroupLedger
 from ..http import json_response, parse_json, read_model, validation_message
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
@@ -122,8 +123,10 @@ class Terminal:
         output_cap: int = DEFAULT_OUTPUT_CAP,
         *,
         metrics: Metrics | None = None,
+        groups: GroupLedger | None = None,
     ) -> None:
         self.workspace = workspace
+        self.groups = groups
         self.output_dir = output_dir
         self.output_cap = output_cap
         self.metrics = metrics or Metrics()
@@ -165,6 +168,8 @@ class Terminal:
             run.started.cancel()
             self._runs.discard(run)
             raise
+        if self.groups is not None:
+            self.groups.record(run.pid, "exec")
 
         outcome = "cancelled"
         try:
@@ -179,6 +184,9 @@ class Terminal:
             transport.close()
             run.close_files()
             self._runs.discard(run)
+            if self.groups is not None:
+                # Its shell has ended; what it put in the background stays, as on a clean stop.
+                self.groups.forget(run.pid)
             duration = time.perf_counter() - started
             self.metrics.exec_commands.labels(outcome=outcome).inc()
             self.metrics.exec_seconds.observe(duration)
