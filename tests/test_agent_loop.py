@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
+from agent_runtime.app import build_app
 from agent_runtime.scripted_model import ScriptedModelServer, ToolCall, Turn
+from tests.conftest import TOKEN, make_config
 from tests.test_tasks import events_of, submit, wait_final
 
 
@@ -340,3 +343,29 @@ async def test_model_can_be_chosen_per_task(
     task = await wait_final(client, task_id)
 
     assert task["result"] == "from the task's own model", task["error"]
+
+
+# -- a real provider, only where one is configured ------------------------------------------
+
+
+REAL_MODEL = os.environ.get("PEERMESH_TEST_MODEL")
+
+
+@pytest.mark.skipif(
+    not REAL_MODEL,
+    reason="set PEERMESH_TEST_MODEL (e.g. openai/gpt-4o-mini) and its provider key to run",
+)
+async def test_a_real_model_writes_a_file_through_the_node_tools(
+    aiohttp_client: Any, tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, model=REAL_MODEL,
+                         api_base=os.environ.get("PEERMESH_TEST_API_BASE"))
+    client = await aiohttp_client(build_app(config),
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+
+    task_id = await submit(client, mode="code", description=(
+        "Create the file hello.txt in the workspace containing exactly the text: peermesh"))
+    task = await wait_final(client, task_id, timeout=300)
+
+    assert task["status"] == "completed", task["error"]
+    assert (config.workspace / "hello.txt").read_text().strip() == "peermesh"
