@@ -231,8 +231,10 @@ def test_validate_prints_every_problem_and_its_json_parses(sh: Shell) -> None:
     assert report["ok"] is False
     assert [(p["line"], p["key"]) for p in report["problems"]] == [
         (1, "mesh.backend"), (3, "nodes[0].instrutions"), (5, "tasks[0].node")]
-    assert sh("validate", str(ROOT / "topologies" / "real-project-checks.yaml")).stdout \
-        == "ok: 1 node, 2 tasks\n"
+    # The project folder it names comes from examples/fetch_project.py, which a clean
+    # checkout has not run.
+    shipped = str(ROOT / "topologies" / "real-project-checks.yaml")
+    assert sh("validate", "--skip-paths", shipped).stdout == "ok: 1 node, 2 tasks\n"
 
 
 def test_validate_reports_a_missing_workspace_folder_that_run_would_stop_on(sh: Shell) -> None:
