@@ -78,6 +78,8 @@ class GroupLedger:
                 self.path.unlink()
 
     def _write(self, line: str) -> None:
+        # TODO: the record only grows while the node runs (two short lines per command);
+        # rewrite it with just the live groups once it holds many finished ones.
         assert self._file is not None
         try:
             self._file.write(line)
