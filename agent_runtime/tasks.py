@@ -26,6 +26,7 @@ from mesh.models import (
     TaskStatus,
 )
 
+from .agent.modes import policy_for
 from .tools import ToolContext
 
 if TYPE_CHECKING:
@@ -120,17 +121,29 @@ class TaskManager:
     def create(self, request: TaskCreate) -> Task:
         if self._closing:
             raise Unavailable("the node is shutting down and takes no new tasks")
+        if request.steps is not None and not request.steps:
+            raise BadRequest("steps is empty: give at least one step, or leave steps out for "
+                             "the agent loop", details={"field": "steps"})
         if not request.steps and not request.description.strip():
             raise BadRequest(
                 "a task needs a description or steps", details={"field": "description"}
             )
+        # Steps may use any tool, except that ask and architect keep their promise to only
+        # read, or to write only plans, whoever wrote the plan.
+        limits = policy_for(request.mode) if request.mode in (Mode.ASK, Mode.ARCHITECT) \
+            else None
         for index, step in enumerate(request.steps or []):
             try:
-                self.node.tools.get(step.tool).parse_args(step.args)
+                tool = self.node.tools.get(step.tool)
+                tool.parse_args(step.args)
             except ToolError as exc:
                 raise BadRequest(
                     f"steps.{index}: {exc}", details={"field": f"steps.{index}"}
                 ) from exc
+            refusal = limits.refusal(tool, step.args) if limits is not None else None
+            if refusal is not None:
+                raise BadRequest(f"steps.{index}: {refusal}",
+                                 details={"field": f"steps.{index}.tool"})
 
         options = request.model_dump(
             include={"rollback_on_failure", "model", "api_base", "temperature", "max_steps",

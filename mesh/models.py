@@ -308,8 +308,9 @@ class McpServerDecl(Request):
     """An MCP server to attach: a command spoken to over stdio, or a streamable HTTP URL."""
 
     name: str = Field(
-        min_length=1, max_length=40, pattern=r"^[a-z0-9_-]+$",
-        description="Prefix of the server's tools on the node: NAME__TOOL.",
+        min_length=1, max_length=40, pattern=r"^[a-z0-9-]+(_[a-z0-9-]+)*$",
+        description="Prefix of the server's tools on the node: NAME__TOOL (so no `__` in it, "
+                    "nor a `_` at either end).",
     )
     command: list[str] | str | None = Field(
         default=None, description="argv of a stdio server; a string is split like a shell would.")

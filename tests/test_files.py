@@ -481,3 +481,24 @@ async def test_write_file_then_list_files_shows_it(node: Node, workspace: Path) 
 async def test_file_tools_refuse_unknown_arguments(node: Node) -> None:
     with pytest.raises(ToolError, match="unknown argument"):
         await call_tool(node, "write_file", path="a", content="b", append=True)
+
+
+async def test_put_to_a_path_ending_in_a_slash_is_refused_and_creates_nothing(
+    client: TestClient, workspace: Path,
+) -> None:
+    response = await client.put(f"{FILES}/dir/", data=b"x")
+
+    assert response.status == 400
+    assert "names a folder" in (await response.json())["error"]["message"]
+    assert not (workspace / "dir").exists()
+
+
+async def test_a_range_header_that_is_no_byte_range_is_ignored(
+    client: TestClient, workspace: Path,
+) -> None:
+    (workspace / "all.bytes").write_bytes(bytes(range(256)))
+
+    response = await client.get(f"{FILES}/all.bytes", headers={"Range": "bytes=abc"})
+
+    assert response.status == 200
+    assert await response.read() == bytes(range(256))

@@ -123,6 +123,9 @@ async def test_bad_attach_bodies_are_refused_naming_the_field(client: TestClient
     cases = [
         ({"command": ["x"]}, "name"),
         ({"name": "Bad Name", "command": ["x"]}, "name"),
+        # Its tools are named NAME__TOOL: a `__` in the name would make that ambiguous.
+        ({"name": "a__b", "command": ["x"]}, "name"),
+        ({"name": "a_", "command": ["x"]}, "name"),
         ({"name": "x"}, "`command`"),
         ({"name": "x", "command": ["x"], "url": "http://127.0.0.1:1/mcp"}, "`url`"),
         ({"name": "x", "url": "ftp://host/mcp"}, "url"),

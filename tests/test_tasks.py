@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -161,14 +162,14 @@ async def test_cancel_of_a_finished_task_is_a_conflict(client: TestClient) -> No
 
 
 async def test_mode_change_on_a_running_task_is_an_event(client: TestClient) -> None:
-    task_id = await submit(client, mode="architect", steps=[exec_step("sleep 0.5")])
+    task_id = await submit(client, mode="debug", steps=[exec_step("sleep 0.5")])
 
     response = await client.patch(f"/api/v1/agent/tasks/{task_id}/mode", json={"mode": "code"})
     await wait_final(client, task_id)
 
     assert response.status == 200
     changes = [e for e in await events_of(client, task_id) if e["type"] == "mode.changed"]
-    assert changes[0]["data"] == {"from": "architect", "to": "code"}
+    assert changes[0]["data"] == {"from": "debug", "to": "code"}
 
 
 async def test_unknown_task_id_is_404_in_the_error_shape(client: TestClient) -> None:
@@ -208,3 +209,35 @@ async def test_listing_filters_by_status(client: TestClient) -> None:
 
     assert [task["id"] for task in listed] == [failed]
     assert bad.status == 400
+
+
+async def test_ask_task_with_a_writing_step_is_refused_and_writes_nothing(
+    client: TestClient, workspace: Path,
+) -> None:
+    response = await client.post("/api/v1/agent/tasks", json={
+        "mode": "ask", "steps": [{"tool": "write_file",
+                                  "args": {"path": "ask.txt", "content": "x"}}]})
+
+    assert response.status == 400
+    assert "not allowed in ask mode" in (await response.json())["error"]["message"]
+    assert not (workspace / "ask.txt").exists()
+
+
+async def test_architect_steps_may_write_plans_but_not_code(client: TestClient) -> None:
+    plan = await client.post("/api/v1/agent/tasks", json={
+        "mode": "architect", "steps": [{"tool": "write_file",
+                                        "args": {"path": "PLAN.md", "content": "# plan"}}]})
+    code = await client.post("/api/v1/agent/tasks", json={
+        "mode": "architect", "steps": [{"tool": "write_file",
+                                        "args": {"path": "app.py", "content": "x = 1"}}]})
+
+    assert plan.status == 202
+    assert code.status == 400
+    assert "Markdown" in (await code.json())["error"]["message"]
+
+
+async def test_an_empty_steps_list_is_refused_naming_steps(client: TestClient) -> None:
+    response = await client.post("/api/v1/agent/tasks", json={"description": "x", "steps": []})
+
+    assert response.status == 400
+    assert (await response.json())["error"]["details"]["field"] == "steps"

@@ -591,6 +591,9 @@ def _byte_range(request: web.Request, size: int, validators: set[str]) -> tuple[
         return None
 
     match = _RANGE.fullmatch(header.strip())
+    if (match is None or match.groups() == ("", "")) and "," not in header:
+        # Not a byte range at all: RFC 9110 has such a header ignored, not refused.
+        return None
     if match is None or match.groups() == ("", ""):
         raise RangeNotSatisfiable(
             "only one byte range such as bytes=0-99, bytes=100- or bytes=-100 is supported",
@@ -662,6 +665,10 @@ def add_routes(app: web.Application, node: Node) -> None:
             os.close(fd)
 
     async def put_file(request: web.Request) -> web.Response:
+        if request.match_info["path"].endswith("/"):
+            raise BadRequest("a path ending in / names a folder; PUT writes a file (make "
+                             "folders with POST /api/v1/mkdir/PATH)",
+                             details={"path": request.match_info["path"]})
         # request.content is read as it arrives, so client_max_size (which only bounds
         # request.read()) does not cap uploads; the disk does.
         info, created = await files.write(
