@@ -236,7 +236,15 @@ async def cmd_tail(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+EXEC_OPTIONS = frozenset({"--cwd", "--timeout", "--json", "--token", "--mesh", "--help", "-h"})
+
+
 async def cmd_exec(args: argparse.Namespace, out: Output) -> int:
+    first = args.command[0].split("=", 1)[0] if args.command else ""
+    if first in EXEC_OPTIONS:
+        # Everything after NODE is the remote command; an option there would run as one.
+        raise CliError(f"{first} comes after NODE, where it would be part of the command: "
+                       f"put it before NODE (mesh exec {first} ... NODE -- COMMAND)", EXIT_USAGE)
     words = args.command[1:] if args.command[:1] == ["--"] else args.command
     # One argument is a shell command line; several are words, quoted as the shell would.
     command = words[0] if len(words) == 1 else shlex.join(words)

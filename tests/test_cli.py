@@ -471,8 +471,9 @@ def test_values_refused_on_this_side_exit_2_naming_the_field(live: Shell) -> Non
     wrapped = live("task", "worker", "--steps", str(whole_task))
     missing = live("task", "worker", "--steps", str(no_tool))
     negative_tail = live("logs", "worker", "--tail", "-1")
+    late_option = live("exec", "worker", "--json", "--", "echo", "hi")
 
-    for done in (zero_timeout, wrapped, missing, negative_tail):
+    for done in (zero_timeout, wrapped, missing, negative_tail, late_option):
         assert done.returncode == 2, done.stderr
         assert "internal error" not in done.stderr and "Traceback" not in done.stderr
     assert "--timeout: must be more than 0 seconds" in zero_timeout.stderr
@@ -481,6 +482,7 @@ def test_values_refused_on_this_side_exit_2_naming_the_field(live: Shell) -> Non
     [line] = missing.stderr.splitlines()
     assert "steps.0.tool: Field required" in line
     assert "--tail: must be 0 or more" in negative_tail.stderr
+    assert "put it before NODE" in late_option.stderr and not late_option.stdout
 
 
 def test_tail_of_an_unknown_task_or_a_negative_seq_shows_the_nodes_message(
