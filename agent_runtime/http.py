@@ -16,8 +16,10 @@ __all__ = [
     "PUBLIC_PATHS",
     "auth_middleware",
     "error_middleware",
+    "field_error",
     "json_response",
     "parse_json",
+    "query_int",
     "read_model",
     "validation_message",
 ]
@@ -55,6 +57,28 @@ def validation_message(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]
         problems.append({"field": field, "message": message})
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
     return f"invalid request: {summary}", problems
+
+
+def field_error(field: str, message: str) -> BadRequest:
+    """A refusal shaped like the one read_model gives for a field pydantic refused."""
+    return BadRequest(f"invalid request: {field}: {message}",
+                      details={"errors": [{"field": field, "message": message}]})
+
+
+def query_int(request: web.Request, name: str, default: int | None = None, *,
+              maximum: int | None = None) -> int | None:
+    """A whole-number query parameter, 0 or more (and at most `maximum`); `default` if absent."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise field_error(name, "must be a whole number") from None
+    if value < 0 or (maximum is not None and value > maximum):
+        limit = "0 or more" if maximum is None else f"between 0 and {maximum}"
+        raise field_error(name, f"must be {limit}")
+    return value
 
 
 def parse_json(raw: bytes | str, what: str = "body") -> Any:

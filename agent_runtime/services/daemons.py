@@ -19,11 +19,11 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.errors import BadRequest, Conflict, NotFound, Unavailable
+from mesh.errors import Conflict, NotFound, Unavailable
 from mesh.models import DaemonInfo, DaemonSpec, DaemonStatus
 
 from ..groups import GroupLedger
-from ..http import json_response, read_model
+from ..http import field_error, json_response, query_int, read_model
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
 from ..workspace import Workspace
@@ -199,9 +199,9 @@ class Daemons:
         try:
             cwd = self.workspace.resolve(raw, must_exist=True)
         except NotFound:
-            raise _field_error("cwd", "no such folder in the workspace") from None
+            raise field_error("cwd", "no such folder in the workspace") from None
         if not cwd.is_dir():
-            raise _field_error("cwd", "not a folder")
+            raise field_error("cwd", "not a folder")
         return cwd
 
     async def _launch(self, daemon: _Daemon) -> None:
@@ -376,12 +376,6 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _field_error(field: str, message: str) -> BadRequest:
-    return BadRequest(
-        f"invalid request: {field}: {message}",
-        details={"errors": [{"field": field, "message": message}]},
-    )
-
 
 def _open_or_none(path: Path) -> BinaryIO | None:
     try:
@@ -411,18 +405,6 @@ def _tail(path: Path, lines: int) -> tuple[bytes, int]:
         return b"".join(data.splitlines(keepends=True)[-lines:]), end
 
 
-def _query_int(request: web.Request, key: str, default: int, maximum: int) -> int:
-    raw = request.query.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _field_error(key, "must be a whole number") from None
-    if not 0 <= value <= maximum:
-        raise _field_error(key, f"must be between 0 and {maximum}")
-    return value
-
 
 def add_routes(app: web.Application, node: Node) -> None:
     daemons = node.daemons
@@ -439,7 +421,7 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     async def logs(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        lines = _query_int(request, "tail", DEFAULT_TAIL, MAX_TAIL)
+        lines = query_int(request, "tail", DEFAULT_TAIL, maximum=MAX_TAIL) or 0
         follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
         text, offset = await daemons.tail(name, lines)
         if not follow:

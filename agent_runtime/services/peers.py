@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mesh.errors import ApiError, BadRequest, NotFound, SpawnError, ToolError, Unavailable
 from mesh.models import Mode, NodeInfo, NodeSpec, NodeState, Step
 
-from ..http import json_response, parse_json, read_model
+from ..http import json_response, parse_json, query_int, read_model
 from ..tasks import cut
 from ..tools import Tool, ToolContext
 from .gateway import ALIAS as GATEWAY_ALIAS
@@ -287,10 +287,8 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     async def peer_logs(request: web.Request) -> web.Response:
         info = peers.find(request.match_info["node_id"])
-        tail_raw = request.query.get("tail", "200")
-        if not tail_raw.isdigit():
-            raise BadRequest("tail must be a whole number", details={"field": "tail"})
-        text = await peers.spawner().logs(info.id, tail=int(tail_raw))
+        tail = query_int(request, "tail", 200) or 0
+        text = await peers.spawner().logs(info.id, tail=tail)
         return web.Response(text=text, content_type="text/plain")
 
     app.router.add_post("/api/v1/peers", spawn)

@@ -13,7 +13,7 @@ from mesh.errors import BadRequest
 from mesh.models import TERMINAL_STATUSES, MessageRequest, ModeChange, TaskCreate, TaskStatus
 
 from ..events import Subscriber, SubscriberOverflow
-from ..http import json_response, read_model
+from ..http import json_response, query_int, read_model
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -29,20 +29,6 @@ FINAL_EVENT_TYPES = frozenset({"task.completed", "task.failed", "task.cancelled"
                                "task.interrupted"})
 
 
-def _int_query(request: web.Request, name: str, default: int | None = None) -> int | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {name!r} must be an integer",
-                         details={"field": name, "value": raw}) from None
-    if value < 0:
-        raise BadRequest(f"query parameter {name!r} must not be negative",
-                         details={"field": name, "value": raw})
-    return value
-
 
 def add_routes(app: web.Application, node: Node) -> None:
     tasks = node.tasks
@@ -56,7 +42,7 @@ def add_routes(app: web.Application, node: Node) -> None:
         status = request.query.get("status")
         if status is not None and status not in {s.value for s in TaskStatus}:
             raise BadRequest(f"unknown status {status!r}", details={"field": "status"})
-        limit = _int_query(request, "limit", 100)
+        limit = query_int(request, "limit", 100)
         return json_response(tasks.list(status=status, limit=min(limit or 100, 1000)))
 
     async def get_task(request: web.Request) -> web.Response:
@@ -78,7 +64,7 @@ def add_routes(app: web.Application, node: Node) -> None:
     async def task_events_sse(request: web.Request) -> web.StreamResponse:
         task = tasks.get(request.match_info["task_id"])
         last_event_id = request.headers.get("Last-Event-ID")
-        after = _int_query(request, "after", 0) or 0
+        after = query_int(request, "after", 0) or 0
         if last_event_id:
             try:
                 after = int(last_event_id)
@@ -109,7 +95,7 @@ def add_routes(app: web.Application, node: Node) -> None:
         task_id = request.query.get("task_id") or None
         if task_id is not None:
             tasks.get(task_id)
-        after = _int_query(request, "after")
+        after = query_int(request, "after")
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
         await ws.prepare(request)
         subscriber = node.events.subscribe(task_id=task_id, after=after)

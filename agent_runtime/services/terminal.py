@@ -28,7 +28,7 @@ from mesh.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unavai
 from mesh.models import ExecRequest, ExecResult
 
 from ..groups import GroupLedger
-from ..http import json_response, parse_json, read_model, validation_message
+from ..http import field_error, json_response, parse_json, read_model, validation_message
 from ..metrics import Metrics
 from ..tools import Tool, ToolContext
 from ..workspace import Workspace
@@ -288,7 +288,7 @@ class Terminal:
     def _resolve_cwd(self, raw: str | None) -> Path:
         cwd = self.workspace.resolve(raw or "", must_exist=True)
         if not cwd.is_dir():
-            raise _field_error("cwd", "not a folder")
+            raise field_error("cwd", "not a folder")
         return cwd
 
     def _display(self, path: Path) -> str:
@@ -499,7 +499,7 @@ class _Capture:
 def _check_request(request: ExecRequest) -> None:
     check_command(request.command, request.env)
     if request.stdin is not None and not _encodable(request.stdin):
-        raise _field_error("stdin", "holds a lone surrogate, which is not text")
+        raise field_error("stdin", "holds a lone surrogate, which is not text")
 
 
 def check_command(command: str, env: dict[str, str] | None) -> None:
@@ -510,18 +510,18 @@ def check_command(command: str, env: dict[str, str] | None) -> None:
     _check_argument("command", command)
     for name, value in (env or {}).items():
         if not name or "=" in name or "\x00" in name or not _encodable(name):
-            raise _field_error(f"env.{name}", "not a valid variable name")
+            raise field_error(f"env.{name}", "not a valid variable name")
         _check_argument(f"env.{name}", f"{name}={value}")
 
 
 def _check_argument(field: str, text: str) -> None:
     if "\x00" in text:
-        raise _field_error(field, "contains a NUL byte")
+        raise field_error(field, "contains a NUL byte")
     if not _encodable(text):
-        raise _field_error(field, "holds a lone surrogate, which is not text")
+        raise field_error(field, "holds a lone surrogate, which is not text")
     size = len(text.encode())
     if size > MAX_ARG_BYTES:
-        raise _field_error(
+        raise field_error(
             field, f"{size} bytes, over the system's limit of {MAX_ARG_BYTES} bytes for one "
             "argument or variable; put a longer script in a file and run that",
         )
@@ -545,17 +545,12 @@ def spawn_error(exc: OSError, cwd: Path, what: str) -> ApiError:
         )
     # The folder was checked before; it may have gone or changed meanwhile.
     if not os.path.isdir(cwd):
-        return _field_error("cwd", "no longer a folder in the workspace")
+        return field_error("cwd", "no longer a folder in the workspace")
     if not os.access(cwd, os.X_OK):
         return Forbidden(f"could not start {what}: cwd is not accessible",
                          details={"field": "cwd"})
     return Unavailable(f"could not start {what}: {exc.strerror or exc}")
 
-
-def _field_error(field: str, message: str) -> BadRequest:
-    """A refusal shaped like the one read_model gives for a field pydantic refused."""
-    return BadRequest(f"invalid request: {field}: {message}",
-                      details={"errors": [{"field": field, "message": message}]})
 
 
 def _new_exec_id() -> str:
