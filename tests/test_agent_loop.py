@@ -292,7 +292,8 @@ async def test_cancel_stops_a_task_waiting_on_the_model(
 ) -> None:
     scripted.add(Turn(text="never", stall_first_s=0.4), Turn(text="x", stall_first_s=0.4))
     task_id = await submit(agent_client, description="hi", mode="ask")
-    await asyncio.sleep(0.1)
+    while not scripted.requests:  # the model call is under way
+        await asyncio.sleep(0.01)
 
     await agent_client.post(f"/api/v1/agent/tasks/{task_id}/cancel")
     task = await wait_final(agent_client, task_id, timeout=5)

@@ -183,10 +183,13 @@ async def test_background_processes_a_node_adopted_are_collected_when_they_exit(
             assert result.exit_code == 0
         node_pid = int(result.stdout.strip())
 
-        await asyncio.sleep(0.5)
-        assert zombie_children(node_pid), "the exited sleeps should wait as zombies at first"
+        async def some_waiting() -> bool:
+            return bool(zombie_children(node_pid))
+
         async def none_left() -> bool:
             return not zombie_children(node_pid)
 
+        # The exited sleeps wait as zombies first: only the node's reaper collects them.
+        await wait_for(some_waiting, timeout=10, what="the adopted sleeps to exit")
         await wait_for(none_left, timeout=15, what="the node to collect its exited orphans")
         assert (await peer.exec("true")).exit_code == 0
