@@ -20,6 +20,8 @@ from typing import IO
 
 import structlog
 
+from mesh import procfs
+
 __all__ = ["GroupLedger"]
 
 log = structlog.get_logger("agent_runtime.groups")
@@ -122,19 +124,9 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _stat(pid: int | str) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def _start_time(pid: int) -> int | None:
-    """When the process started, in clock ticks since boot (field 22 of its stat)."""
-    fields = _stat(pid)
-    return int(fields[19]) if fields is not None and len(fields) > 19 else None
+    found = procfs.stat(pid)
+    return found.start_time if found is not None else None
 
 
 def _members(pgid: int, start: int) -> list[int]:
@@ -143,14 +135,5 @@ def _members(pgid: int, start: int) -> list[int]:
     if leader_start is not None and leader_start != start:
         # The pid now belongs to another process: this group is not ours.
         return []
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat(entry)
-        if fields is None or len(fields) <= 19 or fields[0] in (b"Z", b"X"):
-            continue
-        in_group = int(fields[2]) == pgid or int(fields[3]) == pgid
-        if in_group and int(fields[19]) >= start:
-            members.append(int(entry))
-    return members
+    return [p.pid for p in procfs.processes()
+            if pgid in (p.pgrp, p.session) and not p.ended and p.start_time >= start]

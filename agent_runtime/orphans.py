@@ -19,6 +19,8 @@ import os
 
 import structlog
 
+from mesh import procfs
+
 __all__ = ["OrphanReaper", "is_subreaper"]
 
 log = structlog.get_logger("agent_runtime.orphans")
@@ -40,20 +42,8 @@ def is_subreaper() -> bool:
 
 
 def zombie_children(parent: int) -> set[int]:
-    """Pids of `parent`'s children that have exited and wait to be collected, from /proc."""
-    zombies = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # The command name may hold spaces and parentheses: split after its last ')'.
-                state, ppid = stat.read().rsplit(b")", 1)[1].split()[:2]
-        except (OSError, IndexError, ValueError):
-            continue
-        if state == b"Z" and int(ppid) == parent:
-            zombies.add(int(entry.name))
-    return zombies
+    """Pids of `parent`'s children that have exited and wait to be collected."""
+    return {p.pid for p in procfs.processes() if p.ppid == parent and p.state == "Z"}
 
 
 class OrphanReaper:

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from mesh import procfs
 from tests.conftest import TOKEN, NodeProcess
 
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -92,19 +93,9 @@ async def test_sigterm_interrupts_running_work_and_exits_zero_promptly(
     assert "shutting down" in task["error"]
 
 
-def _group_running(pgid: int) -> bool:
+def group_running(pgid: int) -> bool:
     """Whether any process of the group (or session) still runs; zombies do not count."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if pgid in (int(fields[2]), int(fields[3])) and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return any(pgid in (p.pgrp, p.session) and not p.ended for p in procfs.processes())
 
 
 async def test_a_restarted_node_ends_the_commands_and_daemons_its_killed_run_left(
@@ -127,13 +118,13 @@ async def test_a_restarted_node_ends_the_commands_and_daemons_its_killed_run_lef
         try:
             node_process.kill(signal.SIGKILL)
             # Their sessions of their own outlive the node's death; that is the fault to fix.
-            assert _group_running(daemon_pgid) and _group_running(exec_pgid)
+            assert group_running(daemon_pgid) and group_running(exec_pgid)
             with contextlib.suppress(aiohttp.ClientError):
                 await running
             node_process.start()
 
             async with asyncio.timeout(15):
-                while _group_running(daemon_pgid) or _group_running(exec_pgid):
+                while group_running(daemon_pgid) or group_running(exec_pgid):
                     await asyncio.sleep(0.05)
             assert (await session.get(f"{node_process.url}/healthz")).status == 200
         finally:
@@ -158,7 +149,7 @@ async def test_a_leftover_group_whose_pid_was_reused_is_left_alone(
         node_process.start()
 
         assert bystander.poll() is None
-        assert _group_running(bystander.pid)
+        assert group_running(bystander.pid)
     finally:
         bystander.kill()
         bystander.wait()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.errors import Conflict, NotFound, Unavailable
 from mesh.models import DaemonInfo, DaemonSpec, DaemonStatus
+from mesh.procfs import group_running
 
 from ..groups import GroupLedger
 from ..http import field_error, json_response, query_int, read_model
@@ -330,13 +331,13 @@ async def _set_within(event: asyncio.Event, seconds: float) -> bool:
 
 async def _terminate_group(pgid: int) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left after the grace period."""
-    if not _group_alive(pgid):
+    if not group_running(pgid):
         return
     _signal_group(pgid, signal.SIGTERM)
     deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
     while asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(GROUP_POLL_S)
-        if not _group_alive(pgid):
+        if not group_running(pgid):
             return
     _signal_group(pgid, signal.SIGKILL)
 
@@ -347,33 +348,6 @@ def _signal_group(pgid: int, sig: int) -> None:
     except ProcessLookupError:
         pass
 
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group still runs (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-    # killpg also reaches zombies that nobody reaps, as happens when the node is PID 1 in a
-    # container; /proc tells them apart.
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
 
 
 

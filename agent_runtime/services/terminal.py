@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unavailable
 from mesh.models import ExecRequest, ExecResult
+from mesh.procfs import group_running
 
 from ..groups import GroupLedger
 from ..http import field_error, json_response, parse_json, read_model, validation_message
@@ -278,7 +279,7 @@ class Terminal:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + KILL_GRACE_S
         await asyncio.wait({run.exited}, timeout=KILL_GRACE_S)
-        while loop.time() < deadline and _group_running(pgid):
+        while loop.time() < deadline and group_running(pgid):
             await asyncio.sleep(GROUP_POLL_S)
         _signal_group(pgid, signal.SIGKILL)
         await asyncio.shield(run.exited)
@@ -595,29 +596,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def _group_running(pgid: int) -> bool:
-    """Whether a process of the group still runs; zombies waiting to be reaped do not count."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stats = list(Path("/proc").glob("[0-9]*/stat"))
-    except OSError:
-        return True
-    for stat in stats:
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        # The fields after the command name (which may hold spaces): state, ppid, pgrp, ...
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 # -- HTTP and WebSocket -----------------------------------------------------------------------

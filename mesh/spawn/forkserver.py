@@ -39,6 +39,8 @@ import time
 import traceback
 from typing import Any
 
+from .. import procfs
+
 STOP_GRACE_S = 5.0
 MAX_MESSAGE = 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
@@ -171,7 +173,7 @@ class _Server:
 
     def stop_orphans(self) -> None:
         """Kill the command groups that dead nodes left to us (see the module docstring)."""
-        for pid in _children_of(os.getpid()):
+        for pid in [p.pid for p in procfs.processes() if p.ppid == os.getpid()]:
             if pid not in self.children:
                 _signal_group(pid, signal.SIGKILL)
 
@@ -227,22 +229,6 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         except (ProcessLookupError, PermissionError):
             continue
 
-
-def _children_of(parent: int) -> list[int]:
-    """The pids whose parent is `parent`, from /proc."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # The command name may hold spaces and parentheses: split after its last ')'.
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == parent:
-            pids.append(int(entry.name))
-    return pids
 
 
 def _redirect_stdio(log_path: str) -> None:

@@ -16,6 +16,8 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from .. import procfs
+
 __all__ = [
     "ProcessRecord",
     "is_alive",
@@ -86,25 +88,15 @@ def read_records(mesh: str | None = None) -> list[ProcessRecord]:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[19])
+    """The process's start time in clock ticks since boot."""
+    found = procfs.stat(pid)
+    return found.start_time if found is not None else None
 
 
 def is_alive(record: ProcessRecord) -> bool:
     """True if the recorded process still runs (not a zombie) and is the same process."""
-    if process_start_time(record.pid) != record.start_time:
-        return False
-    try:
-        state = Path(f"/proc/{record.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    found = procfs.stat(record.pid)
+    return found is not None and found.start_time == record.start_time and not found.ended
 
 
 def terminate(record: ProcessRecord, grace_s: float = 5.0) -> bool:
