@@ -330,6 +330,35 @@ async def test_node_spawns_a_sibling_assigns_it_work_by_url_and_reads_its_file(
     assert registry.is_alive(helper) and helper.url == helper_url
 
 
+async def test_assigned_task_on_a_sibling_killed_mid_task_fails_at_once_as_gone(
+    local: LocalSpawner,
+) -> None:
+    parent = await local.spawn(NodeSpec(name="parent"))
+    await run_steps(parent, [{"tool": "spawn_peer", "args": {"name": "victim"}}])
+    victim = next(r for r in registry.read_records(local.mesh) if r.name == "victim")
+
+    _, [child] = await get_json(f"{parent.url}/api/v1/peers", parent.token)
+
+    async with Peer(parent.url, str(parent.token)) as peer, \
+            Peer(child["url"], child["token"]) as on_victim:
+        handle = await peer.submit(steps=[{"tool": "assign_task", "args": {
+            "node": "victim", "steps": [{"tool": "terminal_exec",
+                                         "args": {"command": "sleep 60"}}]}}])
+
+        async def victim_busy() -> bool:
+            return bool(await on_victim.tasks(status="running"))
+
+        await wait_for(victim_busy, timeout=15, what="the assigned task to run on the victim")
+        os.kill(victim.pid, signal.SIGKILL)
+        async with asyncio.timeout(15):
+            async for _ in handle.events():
+                pass
+        task = await handle.get()
+
+    assert task.status is TaskStatus.FAILED
+    assert "node victim is gone: it exited with code" in (task.error or "")
+
+
 async def test_fan_out_tool_returns_each_branch_with_the_failure_on_its_own(
     local: LocalSpawner,
 ) -> None:

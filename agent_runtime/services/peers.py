@@ -7,7 +7,9 @@ it did not spawn can be named in its configuration (MESH_PEERS) with their URL a
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import json
 import os
 import secrets
@@ -17,8 +19,10 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.errors import ApiError, BadRequest, NotFound, SpawnError, ToolError, Unavailable
-from mesh.models import Mode, NodeInfo, NodeSpec, NodeState, Step
+from mesh.errors import (
+    ApiError, BadRequest, NotFound, PeerGone, SpawnError, ToolError, Unavailable,
+)
+from mesh.models import TERMINAL_STATUSES, Mode, NodeInfo, NodeSpec, NodeState, Step
 
 from ..http import json_response, parse_json, query_int, read_model
 from ..tasks import cut
@@ -170,6 +174,22 @@ class Peers:
             # A child that ended on its own is stopped too: its gateway key goes with it.
             self.node.gateway.revoke(info.id)
         return current.model_copy(update={"token": info.token})
+
+    async def why_gone(self, ref: str, exc: PeerGone) -> str:
+        """What became of a peer that stopped answering, as its spawner saw it if it is ours."""
+        info = self.find(ref)
+        if info.id in self.children:
+            try:
+                current = await self.status(info.id)
+            except (ApiError, SpawnError):
+                current = info
+            if current.state is NodeState.REMOVED:
+                return f"node {info.name} is gone: it was removed"
+            if current.state is NodeState.OOM_KILLED:
+                return f"node {info.name} is gone: it was OOM-killed"
+            if current.state not in (NodeState.STARTING, NodeState.RUNNING):
+                return f"node {info.name} is gone: it exited with code {current.exit_code}"
+        return f"node {info.name} is gone: {exc.reason}"
 
     def find(self, ref: str) -> NodeInfo:
         """A peer by id, name or URL."""
@@ -370,13 +390,23 @@ def register_tools(node: Node) -> None:
             if not args.wait:
                 return {"task_id": handle.id, "node": args.node}
             try:
-                task = await handle.result(timeout=args.timeout_s)
+                async with asyncio.timeout(args.timeout_s):
+                    # Following the events, as fan_out does, ends at the task's last event, and
+                    # a node that vanished ends it at once (PeerGone), with no polling retries.
+                    async with contextlib.aclosing(handle.events()) as events:
+                        async for _ in events:
+                            pass
+                    task = await handle.get()
+                    if task.status not in TERMINAL_STATUSES:
+                        task = await handle.result()
             except TimeoutError as exc:
                 # The task goes on; its id lets the model look again or cancel it.
                 raise ToolError(
                     f"task {handle.id} on {args.node} did not end within {args.timeout_s:g} s "
                     "and is still running"
                 ) from exc
+            except PeerGone as exc:
+                raise ToolError(await peers.why_gone(args.node, exc)) from exc
             return {"task_id": handle.id, "status": task.status.value, "result": task.result}
 
     async def read_peer_file(ctx: ToolContext, args: ReadPeerFileArgs) -> str:
