@@ -141,6 +141,12 @@ async def test_compose_mesh_serves_the_mesh_command_and_the_library_and_goes_dow
         engine.close()
     assert (labels["peermesh.mesh"], labels["peermesh.parent"]) == (compose_mesh.mesh, "node-a")
 
+    # The mesh's reap takes what the nodes spawned and leaves compose's own services to it.
+    report = await reap(compose_mesh.mesh)
+    assert report.containers == [sibling["id"]]
+    async with Peer(compose_mesh.url("node-a"), DEFAULT_TOKEN) as node_a:
+        assert (await node_a.health()).status == "ok"
+
     down = await compose_mesh.compose("down")
 
     assert down.returncode == 0, down.stderr

@@ -17,6 +17,9 @@ __all__ = ["ReapReport", "reap"]
 
 log = structlog.get_logger("mesh.spawn")
 
+# Set by docker-compose on what it starts; such a container or network is its project's.
+COMPOSE_PROJECT = "com.docker.compose.project"
+
 STOP_GRACE_S = 3
 
 
@@ -64,12 +67,17 @@ async def _reap_docker(mesh_name: str | None, report: ReapReport) -> None:
         containers = await asyncio.to_thread(
             client.containers.list, all=True, filters={"label": label}
         )
+        # What docker-compose started is its project's: `docker-compose down` removes it, and
+        # the mesh's reap takes only what the nodes spawned.
+        containers = [c for c in containers if COMPOSE_PROJECT not in c.labels]
         await asyncio.gather(
             *(asyncio.to_thread(remove_container, c, STOP_GRACE_S) for c in containers)
         )
         report.containers.extend(c.name for c in containers if c.name)
         networks = await asyncio.to_thread(client.networks.list, filters={"label": label})
         for network in networks:
+            if COMPOSE_PROJECT in (network.attrs.get("Labels") or {}):
+                continue
             try:
                 await asyncio.to_thread(network.remove)
                 report.networks.append(network.name or network.id or "")
