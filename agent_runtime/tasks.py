@@ -80,6 +80,7 @@ class TaskManager:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._inbox: dict[str, list[str]] = {}
         self._rollback_points: dict[str, str] = {}
+        self._arming: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, Task] = {}
         self._closing = False
 
@@ -392,11 +393,17 @@ class TaskManager:
     async def _arm_rollback(self, task: Task) -> None:
         if task.id in self._rollback_points or not self._wants_rollback(task):
             return
-        info = await self.node.snapshots.create(alias=None)
-        self._rollback_points[task.id] = info.id
+        # The parallel calls of one turn all wait for the one snapshot, taken before any of
+        # them touches the workspace: a second snapshot would catch the first call's writes.
+        async with self._arming.setdefault(task.id, asyncio.Lock()):
+            if task.id in self._rollback_points:
+                return
+            info = await self.node.snapshots.create(alias=None)
+            self._rollback_points[task.id] = info.id
         self.events.emit(task.id, "rollback.armed", {"snapshot": info.id})
 
     async def _roll_back(self, task: Task) -> None:
+        self._arming.pop(task.id, None)
         snapshot_id = self._rollback_points.pop(task.id, None)
         if snapshot_id is None:
             return
@@ -412,6 +419,7 @@ class TaskManager:
         await self.node.snapshots.delete(snapshot_id)
 
     async def _drop_rollback_point(self, task: Task) -> None:
+        self._arming.pop(task.id, None)
         snapshot_id = self._rollback_points.pop(task.id, None)
         if snapshot_id is not None:
             await self.node.snapshots.delete(snapshot_id)

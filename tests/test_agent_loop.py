@@ -159,6 +159,8 @@ async def test_failed_code_task_rolls_the_workspace_back_byte_identical(
     assert _tree(workspace) == before
     types = [e["type"] for e in await events_of(agent_client, task_id)]
     assert "rollback.armed" in types and "rollback.restored" in types
+    # One snapshot before both parallel calls: a second one could catch the first's writes.
+    assert types.count("rollback.armed") == 1
 
 
 def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
