@@ -105,12 +105,13 @@ async def test_server_attached_mid_task_is_used_next_turn_and_its_death_fails_on
     assert attached["status"] == "running"
     assert attached["tools"] == ["echo__echo", "echo__slow"]
     assert "echo__echo" not in tool_names(scripted.requests[0])
-    assert "echo__echo" in tool_names(scripted.requests[1])
-    first = {m["tool_call_id"]: m["content"] for m in tool_messages(scripted.requests[2])}
-    assert first["first"] == "hello"
-    second = {m["tool_call_id"]: m["content"] for m in tool_messages(scripted.requests[3])}
-    assert second["second"].startswith("error: mcp server 'echo' is not running")
-    assert "still here" in second["local"]
+    assert "echo__echo" in tool_names(scripted.requests[-1])
+    # The last request holds the whole conversation; a model call retried on a slow machine
+    # would shift the others' positions.
+    results = {m["tool_call_id"]: m["content"] for m in tool_messages(scripted.requests[-1])}
+    assert results["first"] == "hello"
+    assert results["second"].startswith("error: mcp server 'echo' is not running")
+    assert "still here" in results["local"]
     status = await server_status(agent_client, "echo")
     assert status["status"] == "crashed" and "closed its connection" in status["error"]
 
